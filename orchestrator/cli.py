@@ -1,0 +1,158 @@
+"""`loom` entry point: the only module that prints for the user and turns LoomError into an exit code."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from .errors import LoomError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART_CONFIG = REPO_ROOT / "configs" / "quickstart.yaml"
+QUICKSTART_PROMPT = "Add 12 and 35."
+
+
+def _config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML or JSON config with LLaMA-Factory parameter names")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. learning_rate=1e-4")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="loom", description="Ray-distributed LLM fine-tuning with LLaMA-Factory configs."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="validate, plan and train")
+    _config_args(train)
+    train.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
+    plan = commands.add_parser("plan", help="print the run plan without training")
+    _config_args(plan)
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.add_argument("--address", help="also check placement against this Ray cluster (default: RAY_ADDRESS if set)")
+    tiny = commands.add_parser("tiny-model", help="build a tiny Llama model and tokenizer offline")
+    tiny.add_argument("out_dir")
+    quick = commands.add_parser("quickstart", help="build a tiny model, train it with LoRA on 2 Ray workers, sample")
+    quick.add_argument("--config", default=str(QUICKSTART_CONFIG))
+    gen = commands.add_parser("generate", help="generate from a trained output_dir with the config's template")
+    _config_args(gen)
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--model-dir", help="default: the plan's output_dir")
+    commands.add_parser("features", help="print docs/FEATURES.md (every parameter and its status)")
+    return parser
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .plan import make_plan, placement_problems
+
+    cfg = load_config(args.config, args.overrides)
+    plan = make_plan(cfg)
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    problems = None
+    if address:
+        from .launch import cluster_nodes, connect
+
+        connect(address)
+        problems = placement_problems(plan, cluster_nodes())
+    if args.json:
+        print(json.dumps({**plan.to_dict(), "placement_problems": problems}, indent=2))
+    else:
+        print(plan.describe())
+        if problems is not None:
+            print("placement     " + ("ok on the cluster at " + address if not problems else "; ".join(problems)))
+    return 4 if problems else 0
+
+
+def run_train(config: str, overrides: list[str], address: str | None = None):
+    from .config import load_config
+    from .launch import train
+
+    started = time.perf_counter()
+    cfg = load_config(config, overrides)
+    outcome = train(cfg, source=config, address=address)
+    print(outcome.plan.describe())
+    print(f"data          {json.dumps(outcome.data_summary)}")
+    metrics = {k: v for k, v in outcome.metrics.items() if k in ("step", "loss", "eval_loss", "tokens_seen")}
+    print(
+        f"final         {json.dumps(metrics)}  ({time.perf_counter() - started:.1f} s in all, start: {outcome.start})"
+    )
+    print(f"timing        {', '.join(f'{k} {v:.1f} s' for k, v in outcome.timings.items())}")
+    print(f"checkpoint    {outcome.checkpoint}")
+    print(f"model         {outcome.output_dir}")
+    print(f"log           {os.path.join(outcome.output_dir, 'trainer_log.jsonl')}")
+    return cfg, outcome
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    run_train(args.config, args.overrides, args.address)
+    return 0
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from .generate import generate
+    from .tiny import ensure_tiny_model
+
+    started = time.perf_counter()
+    if not os.path.isfile(args.config):
+        raise LoomError(f"quickstart config {args.config} not found; run from a Loom checkout")
+    from .config.loader import read_config_file
+
+    model_dir = read_config_file(args.config)["model_name_or_path"]
+    ensure_tiny_model(model_dir)
+    print(f"tiny model    {os.path.abspath(model_dir)} ({time.perf_counter() - started:.1f} s)")
+    cfg, outcome = run_train(args.config, ["overwrite_output_dir=true"])
+    sample = generate(cfg, outcome.output_dir, QUICKSTART_PROMPT, seed=cfg.seed)
+    print(f"sample        {QUICKSTART_PROMPT!r} -> {sample!r}")
+    print(f"quickstart done in {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .generate import generate
+    from .plan import make_plan
+
+    cfg = load_config(args.config, args.overrides)
+    print(generate(cfg, args.model_dir or make_plan(cfg).output_dir, args.prompt, seed=cfg.seed))
+    return 0
+
+
+def cmd_tiny_model(args: argparse.Namespace) -> int:
+    from .tiny import build_tiny_model
+
+    print(build_tiny_model(args.out_dir))
+    return 0
+
+
+def cmd_features(_: argparse.Namespace) -> int:
+    from .features import features_markdown
+
+    sys.stdout.write(features_markdown())
+    return 0
+
+
+COMMANDS = {
+    "train": cmd_train,
+    "plan": cmd_plan,
+    "quickstart": cmd_quickstart,
+    "generate": cmd_generate,
+    "tiny-model": cmd_tiny_model,
+    "features": cmd_features,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except LoomError as error:
+        print(f"loom {args.command}: {error}", file=sys.stderr)
+        return error.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""Cross-field checks: contradictions, stage- and method-scoped keys, features not built yet, paths."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from typing import Any
+
+from ..errors import Problem
+from .fields import Support
+from .schema import LoomConfig
+from .values import as_dict, split_csv
+
+BUILT_STAGES = ("pt", "sft")
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+# Keys that only mean something for some stages / methods: setting them elsewhere is a mistake, not a no-op.
+STAGE_SCOPED = {
+    "pref_": ("dpo", "kto"),
+    "dpo_": ("dpo",),
+    "simpo_": ("dpo",),
+    "kto_": ("kto",),
+    "ppo_": ("ppo",),
+    "reward_model": ("ppo",),
+    "ref_model": ("dpo", "kto", "ppo"),
+}
+METHOD_SCOPED = {
+    "lora_": "lora",
+    "loraplus_": "lora",
+    "use_rslora": "lora",
+    "use_dora": "lora",
+    "pissa_": "lora",
+    "additional_target": "lora",
+    "create_new_adapter": "lora",
+    "freeze_trainable_": "freeze",
+    "freeze_extra_modules": "freeze",
+}
+
+
+def _non_default(cfg: LoomConfig) -> dict[str, Any]:
+    return cfg.non_default_values()
+
+
+def _scoped(cfg: LoomConfig) -> list[Problem]:
+    problems = []
+    for key, value in _non_default(cfg).items():
+        for prefix, stages in STAGE_SCOPED.items():
+            if key.startswith(prefix) and cfg.stage not in stages:
+                problems.append(
+                    Problem(
+                        key, f"only used with stage {' or '.join(stages)}, but stage is {cfg.stage!r} (given {value!r})"
+                    )
+                )
+        for prefix, method in METHOD_SCOPED.items():
+            if key.startswith(prefix) and cfg.finetuning_type != method:
+                problems.append(
+                    Problem(
+                        key,
+                        f"only used with finetuning_type {method!r}, but it is {cfg.finetuning_type!r} (given {value!r})",
+                    )
+                )
+    return problems
+
+
+def _contradictions(cfg: LoomConfig) -> list[Problem]:
+    p = []
+    if cfg.neat_packing and not cfg.packing:
+        p.append(Problem("neat_packing", "needs packing: true"))
+    if cfg.pissa_convert and not cfg.pissa_init:
+        p.append(Problem("pissa_convert", "needs pissa_init: true"))
+    if cfg.bf16 and cfg.fp16:
+        p.append(Problem("fp16", "bf16 and fp16 are both true; choose one"))
+    if cfg.pure_bf16 and (cfg.bf16 or cfg.fp16):
+        p.append(Problem("pure_bf16", "pure_bf16 trains without autocast; do not combine it with bf16/fp16"))
+    if cfg.gradient_checkpointing is True and cfg.disable_gradient_checkpointing:
+        p.append(Problem("gradient_checkpointing", "true, but disable_gradient_checkpointing is true too"))
+    if cfg.val_size >= 1 and cfg.val_size != int(cfg.val_size):
+        p.append(Problem("val_size", f"given {cfg.val_size}; a fraction below 1 or a whole row count"))
+    wants_eval = cfg.do_eval or cfg.eval_strategy != "no"
+    if wants_eval and cfg.val_size == 0:
+        p.append(
+            Problem("val_size", "evaluation is on (do_eval/eval_strategy) but val_size is 0: nothing to evaluate on")
+        )
+    if cfg.eval_strategy == "no" and cfg.eval_steps is not None:
+        p.append(Problem("eval_steps", f"given {cfg.eval_steps}, but eval_strategy is 'no'"))
+    if cfg.max_steps <= 0 and cfg.stage in BUILT_STAGES and cfg.num_train_epochs <= 0:
+        p.append(Problem("num_train_epochs", "set max_steps or a positive num_train_epochs"))
+    return p
+
+
+def _stage_and_values(cfg: LoomConfig) -> list[Problem]:
+    p = []
+    if cfg.stage not in BUILT_STAGES:
+        p.append(
+            Problem(
+                "stage", f"given {cfg.stage!r}; built so far: {', '.join(BUILT_STAGES)} (rm/dpo/kto/ppo are not yet)"
+            )
+        )
+    if cfg.mix_strategy != "concat":
+        p.append(Problem("mix_strategy", f"given {cfg.mix_strategy!r}; only concat is built so far"))
+    if cfg.packing and cfg.stage != "pt":
+        p.append(Problem("packing", f"packing for stage {cfg.stage!r} is not built yet (pre-training packs)"))
+    if cfg.lr_scheduler_type == "reduce_lr_on_plateau":
+        p.append(Problem("lr_scheduler_type", "reduce_lr_on_plateau is not supported yet"))
+    trackers = [cfg.report_to] if isinstance(cfg.report_to, str) else list(cfg.report_to)
+    if any(t not in ("none", "") for t in trackers):
+        p.append(Problem("report_to", f"given {cfg.report_to!r}; trackers are not wired yet (use none)"))
+    if not cfg.do_train:
+        p.append(Problem("do_train", "false: evaluation-only and predict runs are not built yet"))
+    return p
+
+
+def _resources(cfg: LoomConfig) -> list[Problem]:
+    try:
+        resources = as_dict(cfg.resources_per_worker)
+    except ValueError as error:
+        return [Problem("resources_per_worker", f"given {cfg.resources_per_worker!r}: {error}")]
+    bad = {k: v for k, v in resources.items() if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0}
+    if bad or not resources:
+        return [Problem("resources_per_worker", f"given {resources!r}; a mapping of resource name to a number >= 0")]
+    p = []
+    gpus = float(resources.get("GPU", 0))
+    if cfg.fp16 and gpus == 0:
+        p.append(Problem("fp16", "fp16 needs GPU workers (resources_per_worker has no GPU); use bf16 on CPU"))
+    if cfg.tf32 and gpus == 0:
+        p.append(Problem("tf32", "tf32 needs GPU workers (resources_per_worker has no GPU)"))
+    if cfg.flash_attn == "fa2" and gpus == 0:
+        p.append(Problem("flash_attn", "fa2 needs GPU workers with flash-attn installed; use sdpa or auto on CPU"))
+    return p
+
+
+def _paths(cfg: LoomConfig) -> list[Problem]:
+    p = []
+    model = cfg.model_name_or_path
+    if not model:
+        p.append(Problem("model_name_or_path", "is required (a local model folder or a hub id)"))
+    elif not os.path.isdir(model) and not (_HUB_ID.match(model) and not model.startswith((".", "/", "~"))):
+        p.append(Problem("model_name_or_path", f"folder {model!r} does not exist"))
+    elif os.path.isdir(model) and not os.path.isfile(os.path.join(model, "config.json")):
+        p.append(Problem("model_name_or_path", f"folder {model!r} has no config.json"))
+    for adapter in split_csv(cfg.adapter_name_or_path):
+        if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
+            p.append(Problem("adapter_name_or_path", f"{adapter!r} is not an adapter folder (no adapter_config.json)"))
+    if cfg.adapter_name_or_path and cfg.finetuning_type != "lora":
+        p.append(
+            Problem(
+                "adapter_name_or_path",
+                f"continuing from adapters needs finetuning_type lora, not {cfg.finetuning_type!r}",
+            )
+        )
+    if cfg.do_train and not cfg.dataset_names():
+        p.append(Problem("dataset", "is required for training (names from dataset_info.json or file names)"))
+    return p
+
+
+def _template(cfg: LoomConfig) -> list[Problem]:
+    from ..data.templates import known_templates
+
+    if cfg.template is None or cfg.template in known_templates():
+        return []
+    import difflib
+
+    match = difflib.get_close_matches(cfg.template, known_templates(), n=1, cutoff=0.5)
+    hint = f"; did you mean {match[0]!r}?" if match else ""
+    return [Problem("template", f"given {cfg.template!r}; known: {', '.join(known_templates())}{hint}")]
+
+
+CHECKS: tuple[Callable[[LoomConfig], list[Problem]], ...] = (
+    _contradictions,
+    _scoped,
+    _stage_and_values,
+    _resources,
+    _paths,
+    _template,
+)
+
+
+def cross_field_problems(cfg: LoomConfig) -> list[Problem]:
+    return [problem for check in CHECKS for problem in check(cfg)]
+
+
+def support_problems(cfg: LoomConfig) -> list[Problem]:
+    """A parameter whose feature is missing is refused when set, never silently ignored."""
+    problems = []
+    for key, value in _non_default(cfg).items():
+        extra = LoomConfig.model_fields[key].json_schema_extra or {}
+        support = extra.get("support", Support.WORKS.value)
+        if support == Support.NOT_YET.value:
+            problems.append(Problem(key, f"not supported yet: {extra['reason']} (given {value!r})"))
+        elif support == Support.REFUSED.value:
+            problems.append(Problem(key, f"refused: {extra['reason']} (given {value!r})"))
+    return problems

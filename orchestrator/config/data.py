@@ -1,0 +1,49 @@
+"""Datasets, templates and preprocessing."""
+
+from typing import Literal
+
+from pydantic import BaseModel
+
+from .fields import not_yet, param
+
+_DATA_LAYER = "arrives with the full data layer (issue 3)"
+
+
+class DataArgs(BaseModel):
+    template: str | None = param(None, "Prompt template used for training and generation (e.g. default, empty).")
+    dataset: str | None = param(None, "Comma-separated dataset names (from dataset_info.json) or file names.")
+    eval_dataset: str | None = not_yet(None, "Comma-separated evaluation dataset names.", _DATA_LAYER)
+    eval_on_each_dataset: bool | None = not_yet(False, "Report evaluation loss per evaluation dataset.", _DATA_LAYER)
+    dataset_dir: str = param("data", "Folder holding dataset_info.json and the dataset files.")
+    media_dir: str | None = not_yet(None, "Folder of images, videos and audio; defaults to dataset_dir.", _DATA_LAYER)
+    data_shared_file_system: bool | None = not_yet(
+        False, "Whether every node sees the same dataset files (prepare once) or not (prepare per node).", _DATA_LAYER
+    )
+    cutoff_len: int = param(2048, "Maximum tokens per example; longer ones are truncated.", ge=1)
+    train_on_prompt: bool = param(False, "Compute the loss on prompt tokens too.")
+    mask_history: bool = param(False, "Train only on the last turn of multi-turn examples.")
+    streaming: bool = not_yet(False, "Stream the dataset without materializing it.", _DATA_LAYER)
+    buffer_size: int = not_yet(16384, "Shuffle buffer size in streaming mode.", _DATA_LAYER, ge=1)
+    mix_strategy: Literal["concat", "interleave_under", "interleave_over"] = param(
+        "concat", "How several datasets mix; only concat is built so far."
+    )
+    interleave_probs: str | None = not_yet(
+        None, "Comma-separated sampling probabilities for interleaving.", _DATA_LAYER
+    )
+    overwrite_cache: bool = not_yet(False, "Rebuild the tokenized-dataset cache.", _DATA_LAYER)
+    preprocessing_batch_size: int = param(1000, "Rows per Ray Data batch while tokenizing.", ge=1)
+    preprocessing_num_workers: int | None = param(
+        None, "Ray Data tasks tokenizing at once (default: as many as the cluster allows).", ge=1
+    )
+    max_samples: int | None = param(None, "Keep at most this many rows of each dataset.", ge=1)
+    eval_num_beams: int | None = not_yet(
+        None, "num_beams when generating during evaluation.", "predict is not built yet", ge=1
+    )
+    ignore_pad_token_for_loss: bool = param(True, "Leave padding tokens out of the loss.")
+    val_size: float = param(0.0, "Held-out validation split: a fraction in [0, 1) or a row count >= 1.", ge=0.0)
+    packing: bool | None = param(
+        None, "Pack sequences into cutoff_len blocks; on by default for pt, not built yet for other stages."
+    )
+    neat_packing: bool = not_yet(False, "Packing without attention across packed sequences.", _DATA_LAYER)
+    tool_format: str | None = not_yet(None, "Format of tool-call examples.", _DATA_LAYER)
+    tokenized_path: str | None = not_yet(None, "Where the tokenized dataset is saved and reused.", _DATA_LAYER)

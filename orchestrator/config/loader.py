@@ -1,0 +1,127 @@
+"""Load a YAML/JSON config plus key=value overrides and validate it, collecting every problem at once."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import typing
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from ..errors import ConfigError, Problem
+from .checks import cross_field_problems, support_problems
+from .schema import LoomConfig
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        raise ConfigError([Problem("config", f"file {path!r} does not exist")], source=path)
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    try:
+        data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as error:
+        raise ConfigError([Problem("config", f"cannot parse {path}: {error}")], source=path) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            [Problem("config", f"{path} must hold a mapping of keys, got {type(data).__name__}")], source=path
+        )
+    return data
+
+
+def parse_overrides(overrides: list[str]) -> tuple[dict[str, Any], list[Problem]]:
+    """`key=value` pairs; values read as YAML scalars so `lora_rank=16` is an int and `bf16=true` a bool."""
+    values, problems = {}, []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            problems.append(Problem(item, "an override must look like key=value"))
+            continue
+        try:
+            values[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            values[key.strip()] = raw
+    return values, problems
+
+
+def load_config(path: str | None, overrides: list[str] | None = None) -> LoomConfig:
+    raw = read_config_file(path) if path else {}
+    extra, problems = parse_overrides(overrides or [])
+    raw.update(extra)
+    return validate_config(raw, source=path or "command line", problems=problems)
+
+
+def validate_config(raw: dict[str, Any], source: str = "config", problems: list[Problem] | None = None) -> LoomConfig:
+    """A LoomConfig, or one ConfigError listing every unknown key, bad value and contradiction."""
+    problems = list(problems or [])
+    fields = LoomConfig.model_fields
+    known = {}
+    for key, value in raw.items():
+        if not isinstance(key, str) or key not in fields:
+            problems.append(Problem(str(key), _unknown_key_message(str(key), value)))
+        else:
+            known[key] = value
+    bad_keys: set[str] = set()
+    try:
+        LoomConfig.model_validate(known)
+    except ValidationError as error:
+        for item in error.errors():
+            key = str(item["loc"][0]) if item["loc"] else "config"
+            if key in bad_keys:
+                continue
+            bad_keys.add(key)
+            problems.append(Problem(key, _value_message(key, known.get(key), item)))
+    cfg = LoomConfig.model_validate({k: v for k, v in known.items() if k not in bad_keys})
+    later = cross_field_problems(cfg) + support_problems(cfg)
+    problems += [p for p in later if p.key not in bad_keys]
+    if problems:
+        raise ConfigError(_dedupe(problems), source=source)
+    return cfg
+
+
+def _dedupe(problems: list[Problem]) -> list[Problem]:
+    seen, unique = set(), []
+    for problem in problems:
+        if problem.key not in seen:
+            seen.add(problem.key)
+            unique.append(problem)
+    return unique
+
+
+def _unknown_key_message(key: str, value: Any) -> str:
+    message = f"unknown key (given {value!r})"
+    match = difflib.get_close_matches(key, list(LoomConfig.model_fields), n=1, cutoff=0.6)
+    if match:
+        message += f"; did you mean {match[0]!r}?"
+    else:
+        message += "; see docs/FEATURES.md for every key"
+    return message
+
+
+def allowed_values(key: str) -> list[Any] | None:
+    """The choices of a Literal (or Optional[Literal]) field."""
+    annotation = LoomConfig.model_fields[key].annotation
+    for candidate in (annotation, *typing.get_args(annotation)):
+        if typing.get_origin(candidate) is typing.Literal:
+            return list(typing.get_args(candidate))
+    return None
+
+
+def _value_message(key: str, value: Any, error: dict) -> str:
+    choices = allowed_values(key)
+    if choices is not None and error["type"] == "literal_error":
+        message = f"given {value!r}; allowed: {', '.join(str(c) for c in choices)}"
+        match = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.5)
+        return message + (f"; did you mean {match[0]!r}?" if match else "")
+    field = LoomConfig.model_fields[key]
+    expected = _type_name(field.annotation)
+    return f"given {value!r}; {error['msg'].lower()} (expected {expected}, default {field.default!r})"
+
+
+def _type_name(annotation: Any) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")

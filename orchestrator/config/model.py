@@ -1,0 +1,76 @@
+"""Model loading and tokenizer options (LLaMA-Factory's "Model — basic" group)."""
+
+from typing import Literal
+
+from pydantic import BaseModel
+
+from orchestrator.config.fields import not_yet, param, refused
+
+DERIVED = "derived by Loom from the rest of the config; do not set it"
+TOKENIZER_CHANGES = "tokenizer changes arrive with the full data layer (issue 3)"
+OTHER_HUBS = "ModelScope/Modelers hubs are not wired yet"
+
+
+class ModelArgs(BaseModel):
+    model_name_or_path: str | None = param(None, "Base model: a local path or a Hugging Face Hub repo id.")
+    adapter_name_or_path: str | None = param(
+        None, "Adapter(s) to load on top of the base model: local paths or Hub ids, comma-separated."
+    )
+    adapter_folder: str | None = not_yet(
+        None, "Folder holding adapter weights to load.", reason="adapter folders are not wired yet"
+    )
+    cache_dir: str | None = param(None, "Local directory where downloaded models are cached.")
+    use_fast_tokenizer: bool = param(True, "Use the fast (Rust) tokenizer when the model provides one.")
+    resize_vocab: bool = not_yet(
+        False, "Resize the vocabulary and embedding layers to the tokenizer.", TOKENIZER_CHANGES
+    )
+    split_special_tokens: bool = not_yet(False, "Split special tokens apart during tokenization.", TOKENIZER_CHANGES)
+    new_special_tokens: str | None = not_yet(
+        None, "Special tokens to add to the tokenizer, comma-separated.", TOKENIZER_CHANGES
+    )
+    model_revision: str = param("main", "Model revision to load: a branch, tag or commit id.")
+    low_cpu_mem_usage: bool = param(True, "Load the model with reduced peak CPU memory.")
+    rope_scaling: Literal["linear", "dynamic", "yarn", "llama3"] | None = not_yet(
+        None, "RoPE scaling strategy for extending the context length."
+    )
+    flash_attn: Literal["auto", "disabled", "sdpa", "fa2"] = param(
+        "auto", "Attention implementation: auto, disabled (eager), sdpa or fa2 (FlashAttention-2)."
+    )
+    shift_attn: bool = not_yet(False, "Enable shift short attention (S^2-Attn) from LongLoRA.")
+    mixture_of_depths: Literal["convert", "load"] | None = not_yet(
+        None, "Mixture-of-depths: convert the model to MoD, or load an existing MoD model."
+    )
+    use_unsloth: bool = not_yet(False, "Use unsloth kernels to speed up LoRA training.")
+    use_unsloth_gc: bool = not_yet(False, "Use unsloth's gradient checkpointing.")
+    enable_liger_kernel: bool = not_yet(False, "Use Liger kernels to speed up training.")
+    moe_aux_loss_coef: float | None = not_yet(
+        None, "Weight of the MoE auxiliary load-balancing loss; higher balances experts more.", ge=0
+    )
+    disable_gradient_checkpointing: bool = param(False, "Turn gradient checkpointing off.")
+    use_reentrant_gc: bool = param(True, "Use the reentrant variant of gradient checkpointing.")
+    upcast_layernorm: bool = param(False, "Keep layernorm weights in fp32.")
+    upcast_lmhead_output: bool = param(False, "Cast the lm_head output to fp32.")
+    train_from_scratch: bool = param(False, "Initialise the model weights randomly instead of loading them.")
+    infer_backend: Literal["huggingface", "vllm"] = not_yet(
+        "huggingface", "Inference engine: huggingface or vllm.", reason="vLLM inference is not built yet"
+    )
+    offload_folder: str = not_yet(
+        "offload", "Directory where model weights are offloaded.", reason="weight offloading is not wired yet"
+    )
+    use_cache: bool = param(True, "Use the KV cache during generation.")
+    infer_dtype: Literal["auto", "float16", "bfloat16", "float32"] = param(
+        "auto", "Dtype of weights and activations at inference time."
+    )
+    hf_hub_token: str | None = param(None, "Hugging Face Hub token used to download gated or private models.")
+    ms_hub_token: str | None = not_yet(None, "ModelScope Hub token.", OTHER_HUBS)
+    om_hub_token: str | None = not_yet(None, "Modelers (OpenMind) Hub token.", OTHER_HUBS)
+    print_param_status: bool = param(False, "Print each parameter's dtype, device and trainable flag after loading.")
+    trust_remote_code: bool = param(False, "Allow running code shipped with a model or dataset on the Hub.")
+    compute_dtype: str | None = refused(None, "Dtype used to compute model outputs.", DERIVED)
+    device_map: str | dict | None = refused(None, "Mapping of model modules onto devices.", DERIVED)
+    model_max_length: int | None = refused(None, "Maximum input length of the model.", DERIVED, ge=1)
+    block_diag_attn: bool = refused(
+        False,
+        "Use block-diagonal attention so packed sequences do not attend to each other.",
+        "set by Loom from neat_packing; do not set it",
+    )

@@ -1,0 +1,75 @@
+"""LoomConfig: every parameter in one flat, typed model (LLaMA-Factory's names), plus derived values."""
+
+from __future__ import annotations
+
+from pydantic import ConfigDict
+
+from .data import DataArgs
+from .evaluation import EvaluationArgs
+from .export import ExportArgs
+from .finetuning import FinetuningArgs
+from .generation import GenerationArgs
+from .inference import VllmArgs
+from .model import ModelArgs
+from .multimodal import MultimodalArgs
+from .optimizers import OptimizerArgs
+from .quantization import QuantizationArgs
+from .ray import RayArgs
+from .rlhf import RlhfArgs
+from .tracking import TrackingArgs
+from .training import TrainingArgs
+from .values import as_dict, split_csv
+
+GROUPS = (
+    ModelArgs,
+    FinetuningArgs,
+    DataArgs,
+    TrainingArgs,
+    RayArgs,
+    GenerationArgs,
+    RlhfArgs,
+    OptimizerArgs,
+    QuantizationArgs,
+    MultimodalArgs,
+    VllmArgs,
+    ExportArgs,
+    EvaluationArgs,
+    TrackingArgs,
+)
+
+
+class LoomConfig(*GROUPS):
+    """The validated config. Unknown keys are errors; derived numbers are methods."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=False, frozen=True, protected_namespaces=())
+
+    def worker_resources(self) -> dict[str, float]:
+        return {str(k): float(v) for k, v in as_dict(self.resources_per_worker).items()}
+
+    def gpus_per_worker(self) -> float:
+        return self.worker_resources().get("GPU", 0.0)
+
+    def effective_lora_alpha(self) -> int:
+        return self.lora_alpha if self.lora_alpha is not None else self.lora_rank * 2
+
+    def global_batch_size(self) -> int:
+        """Examples per optimizer step across all workers."""
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps * self.ray_num_workers
+
+    def uses_packing(self) -> bool:
+        return self.packing if self.packing is not None else self.stage == "pt"
+
+    def uses_gradient_checkpointing(self) -> bool:
+        if self.gradient_checkpointing is not None:
+            return self.gradient_checkpointing
+        return not self.disable_gradient_checkpointing
+
+    def dataset_names(self) -> list[str]:
+        return split_csv(self.dataset)
+
+    def shuffle_seed(self) -> int:
+        return self.data_seed if self.data_seed is not None else self.seed
+
+    def non_default_values(self) -> dict:
+        """Only the keys the user set to something other than the default: what a run name hashes."""
+        return self.model_dump(exclude_defaults=True)

@@ -1,0 +1,133 @@
+"""The transformers TrainingArguments keys that LLaMA-Factory configs use, with the same names and defaults."""
+
+from typing import Literal
+
+from pydantic import BaseModel
+
+from .fields import not_yet, param, refused
+
+_TF = "transformers"
+SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+    "reduce_lr_on_plateau",
+    "cosine_with_min_lr",
+    "warmup_stable_decay",
+)
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_hf", "adafactor", "sgd", "adagrad", "rmsprop")
+
+
+class TrainingArgs(BaseModel):
+    output_dir: str | None = param(
+        None, "Where rank 0 writes the final model or adapter, tokenizer and trainer_log.jsonl.", source=_TF
+    )
+    overwrite_output_dir: bool = param(
+        False, "Allow replacing a finished run and a non-empty output_dir instead of stopping.", source=_TF
+    )
+    do_train: bool = param(True, "Train the model.", source=_TF)
+    do_eval: bool = param(False, "Evaluate on the validation split (val_size).", source=_TF)
+    do_predict: bool = not_yet(False, "Run prediction on the evaluation set.", "predict is not built yet", source=_TF)
+    predict_with_generate: bool = not_yet(False, "Generate during prediction.", "predict is not built yet", source=_TF)
+    eval_strategy: Literal["no", "steps", "epoch"] = param(
+        "no", "When to evaluate: never, every eval_steps, each epoch.", source=_TF
+    )
+    eval_steps: float | None = param(
+        None, "Evaluate every N optimizer steps (a fraction < 1 means that share of all steps).", gt=0, source=_TF
+    )
+    per_device_train_batch_size: int = param(8, "Examples per worker per micro-batch.", ge=1, source=_TF)
+    per_device_eval_batch_size: int = param(8, "Examples per worker per evaluation batch.", ge=1, source=_TF)
+    gradient_accumulation_steps: int = param(1, "Micro-batches accumulated into one optimizer step.", ge=1, source=_TF)
+    learning_rate: float = param(5e-5, "Peak learning rate.", gt=0, source=_TF)
+    weight_decay: float = param(0.0, "Decoupled weight decay (not applied to biases and norms).", ge=0, source=_TF)
+    adam_beta1: float = param(0.9, "Adam beta1.", ge=0, lt=1, source=_TF)
+    adam_beta2: float = param(0.999, "Adam beta2.", ge=0, lt=1, source=_TF)
+    adam_epsilon: float = param(1e-8, "Adam epsilon.", gt=0, source=_TF)
+    max_grad_norm: float = param(1.0, "Clip the gradient norm to this value (0 disables clipping).", ge=0, source=_TF)
+    num_train_epochs: float = param(3.0, "Epochs to train when max_steps is not set.", gt=0, source=_TF)
+    max_steps: int = param(-1, "Total optimizer steps; overrides num_train_epochs when > 0.", ge=-1, source=_TF)
+    lr_scheduler_type: Literal[SCHEDULERS] = param("linear", "Learning-rate schedule.", source=_TF)
+    lr_scheduler_kwargs: dict | str | None = param(
+        None, "Extra arguments of the schedule (dict or JSON string).", source=_TF
+    )
+    warmup_ratio: float = param(0.0, "Share of the total steps spent warming up.", ge=0, le=1, source=_TF)
+    warmup_steps: int = param(0, "Warm-up steps; overrides warmup_ratio when > 0.", ge=0, source=_TF)
+    optim: Literal[OPTIMIZERS] = param("adamw_torch", "Optimizer.", source=_TF)
+    logging_steps: float = param(
+        500,
+        "Write a trainer_log.jsonl line every N steps (a fraction < 1 means that share of all steps).",
+        gt=0,
+        source=_TF,
+    )
+    logging_first_step: bool = param(False, "Also log the first step.", source=_TF)
+    save_strategy: Literal["no", "steps", "epoch"] = param(
+        "steps", "When to checkpoint: never, every save_steps, each epoch.", source=_TF
+    )
+    save_steps: float = param(
+        500, "Checkpoint every N optimizer steps (a fraction < 1 means that share of all steps).", gt=0, source=_TF
+    )
+    save_total_limit: int | None = param(
+        None, "Keep at most this many checkpoints in the run directory.", ge=1, source=_TF
+    )
+    save_only_model: bool = not_yet(
+        False,
+        "Checkpoint only the model, without optimizer and scheduler.",
+        "checkpoints always hold the full state",
+        source=_TF,
+    )
+    seed: int = param(42, "Random seed for model init, shuffling and dropout.", source=_TF)
+    data_seed: int | None = param(None, "Seed of the data shuffle; defaults to seed.", source=_TF)
+    bf16: bool = param(False, "bf16 mixed precision (autocast).", source=_TF)
+    fp16: bool = param(False, "fp16 mixed precision; needs GPU workers.", source=_TF)
+    tf32: bool | None = param(None, "Allow TF32 matmuls on Ampere or newer GPUs.", source=_TF)
+    gradient_checkpointing: bool | None = param(
+        None,
+        "Recompute activations in the backward pass; on by default unless disable_gradient_checkpointing.",
+        source=_TF,
+    )
+    gradient_checkpointing_kwargs: dict | None = not_yet(
+        None, "Extra arguments of gradient checkpointing.", "use use_reentrant_gc", source=_TF
+    )
+    ddp_timeout: int = param(1800, "Seconds before a collective operation times out.", ge=1, source=_TF)
+    ddp_find_unused_parameters: bool | None = param(
+        None, "Let DDP tolerate parameters without gradients (default: on for freeze tuning).", source=_TF
+    )
+    dataloader_num_workers: int = refused(
+        0, "DataLoader worker processes.", "Ray Data feeds the workers; use preprocessing_num_workers", source=_TF
+    )
+    remove_unused_columns: bool = refused(
+        True, "Drop dataset columns the model does not take.", "Loom's collators pick the model inputs", source=_TF
+    )
+    include_num_input_tokens_seen: bool = param(
+        False, "Count input tokens; Loom always logs tokens_seen, so this changes nothing.", source=_TF
+    )
+    run_name: str | None = param(
+        None, "Run name for trackers; used as the run name when ray_run_name is unset.", source=_TF
+    )
+    report_to: str | list = param(
+        "none", "Experiment trackers; only `none` is wired (trainer_log.jsonl is always written).", source=_TF
+    )
+    deepspeed: str | dict | None = not_yet(
+        None, "DeepSpeed config (path or dict).", "DeepSpeed under the TorchTrainer arrives with issue 4", source=_TF
+    )
+    resume_from_checkpoint: str | None = not_yet(
+        None,
+        "Checkpoint to resume from.",
+        "Loom resumes from the latest checkpoint of the run name by itself; an explicit path is not supported yet",
+        source=_TF,
+    )
+    load_best_model_at_end: bool = not_yet(False, "Load the best checkpoint at the end.", source=_TF)
+    metric_for_best_model: str | None = not_yet(None, "Metric that picks the best checkpoint.", source=_TF)
+    greater_is_better: bool | None = not_yet(None, "Whether a larger metric is better.", source=_TF)
+    push_to_hub: bool = not_yet(False, "Upload the final model to the Hugging Face Hub.", source=_TF)
+    hub_model_id: str | None = not_yet(None, "Hub repository for push_to_hub.", source=_TF)
+    torch_compile: bool = not_yet(False, "Compile the model with torch.compile.", source=_TF)
+    neftune_noise_alpha: float | None = not_yet(None, "NEFTune embedding-noise scale.", source=_TF)
+    logging_dir: str | None = not_yet(None, "TensorBoard log folder.", "trackers are not wired yet", source=_TF)
+    disable_tqdm: bool = param(
+        False, "Loom prints no progress bars in workers; accepted for compatibility.", source=_TF
+    )

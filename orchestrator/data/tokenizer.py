@@ -1,0 +1,59 @@
+"""Loading the tokenizer the same way in data tasks, workers and generation."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from typing import Any
+
+from .templates import get_template, prepare_tokenizer
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """Everything that decides how text becomes ids; hashable, so each process loads it once."""
+
+    path: str
+    template: str
+    use_fast: bool = True
+    revision: str = "main"
+    cache_dir: str | None = None
+    trust_remote_code: bool = False
+    token: str | None = None
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> TokenizerSpec:
+        return cls(
+            path=cfg.model_name_or_path,
+            template=template_name(cfg),
+            use_fast=cfg.use_fast_tokenizer,
+            revision=cfg.model_revision,
+            cache_dir=cfg.cache_dir,
+            trust_remote_code=cfg.trust_remote_code,
+            token=cfg.hf_hub_token,
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def template_name(cfg: Any) -> str:
+    return cfg.template or "empty"
+
+
+@lru_cache(maxsize=4)
+def load_tokenizer(spec: TokenizerSpec) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        spec.path,
+        use_fast=spec.use_fast,
+        revision=spec.revision,
+        cache_dir=spec.cache_dir,
+        trust_remote_code=spec.trust_remote_code,
+        token=spec.token,
+    )
+    missing = prepare_tokenizer(tokenizer, get_template(spec.template))
+    if missing:
+        raise ValueError(f"template {spec.template!r} needs tokens the tokenizer lacks: {missing}")
+    return tokenizer

@@ -1,0 +1,3 @@
+from . import write_demo_data
+
+print(write_demo_data())

@@ -1,0 +1,170 @@
+"""The thin Ray layer: connect or start Ray, check placement, build data, run the TorchTrainer, return paths."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import DataError, PlanError, TrainingError
+from .plan import RunPlan, make_plan, placement_problems, with_absolute_paths
+from .preflight import preflight, prepare_run_dirs
+
+
+@dataclass
+class TrainOutcome:
+    plan: RunPlan
+    output_dir: str
+    checkpoint: str | None
+    metrics: dict[str, Any]
+    data_summary: dict[str, Any]
+    start: str
+    timings: dict[str, float]
+
+
+class Stopwatch:
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = round(now - self._last, 2)
+        self._last = now
+
+
+def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
+    """Join the cluster at `address` / RAY_ADDRESS, or start an embedded one. Returns True if we started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    quiet = {"log_to_driver": True, "logging_level": logging.WARNING}
+    if address:
+        ray.init(address=address, **quiet)
+        started = False
+    else:
+        ray.init(num_cpus=num_cpus, **quiet)
+        started = True
+    _quiet_ray_data()
+    return started
+
+
+def _quiet_ray_data() -> None:
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    for name in ("ray.data", "ray.train", "ray.tune"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def cluster_nodes() -> list[dict[str, float]]:
+    import ray
+
+    return [dict(node["Resources"]) for node in ray.nodes() if node.get("Alive")]
+
+
+def check_placement(plan: RunPlan) -> None:
+    problems = placement_problems(plan, cluster_nodes())
+    if problems:
+        raise PlanError("the worker bundles cannot be placed on this cluster:\n  - " + "\n  - ".join(problems))
+
+
+def check_columns(cfg: Any, specs: list) -> None:
+    from .data.formats import required_columns
+    from .data.pipeline import read_dataset
+
+    problems = []
+    for spec in specs:
+        needed = required_columns(spec, cfg.stage)
+        if not needed:
+            continue
+        names = read_dataset(spec).schema().names
+        missing = [c for c in needed if c not in names]
+        if missing:
+            problems.append(f"dataset {spec.name!r} ({spec.files[0]}): columns {missing} are missing; it has {names}")
+    if problems:
+        raise DataError("\n".join(problems))
+
+
+def train(cfg: Any, source: str = "config", address: str | None = None, base_dir: str | None = None) -> TrainOutcome:
+    clock = Stopwatch()
+    cfg = with_absolute_paths(cfg, base_dir)
+    specs = preflight(cfg, source)
+    plan = make_plan(cfg, base_dir)
+    start = prepare_run_dirs(cfg, plan)
+    clock.lap("checks")
+    connect(address)
+    clock.lap("ray start")
+    check_placement(plan)
+    check_columns(cfg, specs)
+
+    from .data.pipeline import build_datasets
+
+    data = build_datasets(cfg, specs)
+    clock.lap("data")
+    train_rows = data.summary["train_examples"]
+    if train_rows < cfg.ray_num_workers:
+        raise DataError(
+            f"the training set has {train_rows} examples after preprocessing, fewer than {cfg.ray_num_workers} workers"
+        )
+    plan = make_plan(cfg, base_dir, train_rows=train_rows)
+    result = fit(cfg, plan, data)
+    clock.lap("fit")
+    return TrainOutcome(
+        plan=plan,
+        output_dir=plan.output_dir,
+        checkpoint=result.checkpoint.path if result.checkpoint else None,
+        metrics=dict(result.metrics or {}),
+        data_summary=data.summary,
+        start=start,
+        timings=clock.laps,
+    )
+
+
+def fit(cfg: Any, plan: RunPlan, data: Any) -> Any:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from workers.entry import train_loop_per_worker
+
+    datasets = {"train": data.train}
+    if data.eval is not None:
+        datasets["eval"] = data.eval
+    resources = dict(plan.resources_per_worker)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.model_dump(), "plan": plan.to_dict()},
+        torch_config=TorchConfig(timeout_s=cfg.ddp_timeout),
+        scaling_config=ScalingConfig(
+            num_workers=plan.num_workers,
+            use_gpu=plan.use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=plan.placement_strategy,
+        ),
+        run_config=RunConfig(
+            name=plan.run_name,
+            storage_path=plan.storage_path,
+            failure_config=FailureConfig(max_failures=plan.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=plan.checkpoints_to_keep),
+        ),
+        datasets=datasets,
+    )
+    try:
+        return trainer.fit()
+    except Exception as error:  # Ray wraps worker errors; the user gets the root cause in one line plus the log path
+        raise TrainingError(
+            f"training failed: {_root_cause(error)}\n(see the worker logs above; run dir {plan.run_dir})"
+        ) from error
+
+
+def _root_cause(error: BaseException) -> str:
+    while error.__cause__ is not None:
+        error = error.__cause__
+    text = str(error).strip().splitlines()
+    return text[-1] if text else type(error).__name__

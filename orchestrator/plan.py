@@ -1,0 +1,229 @@
+"""config -> RunPlan: workers, bundles, paths and batch arithmetic. Pure: no Ray, no torch, no I/O but path math."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from typing import Any
+
+# Keys that do not change what is trained: they never change the derived run name.
+_NAME_NEUTRAL = {
+    "ray_run_name",
+    "run_name",
+    "overwrite_output_dir",
+    "logging_steps",
+    "print_param_status",
+    "disable_tqdm",
+}
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Step arithmetic once the number of training rows is known."""
+
+    train_rows: int
+    rows_per_worker: int
+    micro_batches_per_epoch: int
+    steps_per_epoch: int
+    total_steps: int
+    epochs: float
+    warmup_steps: int
+    logging_every: int
+    save_every: int | None
+    eval_every: int | None
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    run_name: str
+    storage_path: str
+    run_dir: str
+    output_dir: str
+    num_workers: int
+    resources_per_worker: dict[str, float]
+    placement_strategy: str
+    use_gpu: bool
+    per_device_batch_size: int
+    gradient_accumulation_steps: int
+    global_batch_size: int
+    max_failures: int
+    checkpoints_to_keep: int | None
+    save_strategy: str
+    datasets: tuple[str, ...] = ()
+    schedule: Schedule | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def describe(self) -> str:
+        bundle = json.dumps(self.resources_per_worker, sort_keys=True)
+        lines = [
+            f"run name      {self.run_name}",
+            f"run dir       {self.run_dir}",
+            f"output dir    {self.output_dir}",
+            f"workers       {self.num_workers} x {bundle}  strategy {self.placement_strategy}"
+            f"  ({'GPU' if self.use_gpu else 'CPU'} training)",
+            f"batch         {self.per_device_batch_size} per worker x {self.gradient_accumulation_steps} accumulation"
+            f" x {self.num_workers} workers = {self.global_batch_size} examples per step",
+            f"retries       {self.max_failures}   checkpoints kept: {self.checkpoints_to_keep or 'all'}",
+        ]
+        if self.datasets:
+            lines.append(f"datasets      {', '.join(self.datasets)}")
+        s = self.schedule
+        if s:
+            lines += [
+                f"train rows    {s.train_rows} ({s.rows_per_worker} per worker)",
+                f"steps         {s.total_steps} ({s.steps_per_epoch} per epoch, {s.epochs:g} epochs)"
+                f"  warmup {s.warmup_steps}",
+                f"cadence       log every {s.logging_every}, save every {s.save_every or '-'},"
+                f" eval every {s.eval_every or '-'}",
+            ]
+        else:
+            lines.append("steps         known once the dataset is read (run `loom data` or `loom train`)")
+        return "\n".join(lines)
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def resolve_path(path: str, base_dir: str) -> str:
+    if is_uri(path):
+        return path.rstrip("/")
+    return os.path.normpath(os.path.join(base_dir, os.path.expanduser(path)))
+
+
+def derive_run_name(cfg: Any) -> str:
+    """The user's name, or `loom-<stage>-<type>-<hash>` of the config, stable so the same command resumes."""
+    if cfg.ray_run_name:
+        return cfg.ray_run_name
+    if cfg.run_name:
+        return cfg.run_name
+    settings = {k: v for k, v in cfg.non_default_values().items() if k not in _NAME_NEUTRAL}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return f"loom-{cfg.stage}-{cfg.finetuning_type}-{digest}"
+
+
+def _cadence(value: float | None, total_steps: int) -> int | None:
+    """A step interval; values below 1 are a share of the total steps (as transformers reads them)."""
+    if value is None:
+        return None
+    return max(1, math.ceil(value * total_steps)) if value < 1 else int(value)
+
+
+def make_schedule(cfg: Any, train_rows: int) -> Schedule:
+    rows_per_worker = train_rows // cfg.ray_num_workers  # Ray's equal split drops the remainder
+    micro = math.ceil(rows_per_worker / cfg.per_device_train_batch_size)
+    steps_per_epoch = max(1, math.ceil(micro / cfg.gradient_accumulation_steps))
+    if cfg.max_steps > 0:
+        total = cfg.max_steps
+    else:
+        total = max(1, math.ceil(cfg.num_train_epochs * steps_per_epoch))
+    warmup = cfg.warmup_steps if cfg.warmup_steps > 0 else math.ceil(cfg.warmup_ratio * total)
+    save_every = {"steps": _cadence(cfg.save_steps, total), "epoch": steps_per_epoch, "no": None}[cfg.save_strategy]
+    eval_every = {"steps": _cadence(cfg.eval_steps or cfg.logging_steps, total), "epoch": steps_per_epoch, "no": None}[
+        cfg.eval_strategy
+    ]
+    return Schedule(
+        train_rows=train_rows,
+        rows_per_worker=rows_per_worker,
+        micro_batches_per_epoch=micro,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total,
+        epochs=total / steps_per_epoch,
+        warmup_steps=warmup,
+        logging_every=_cadence(cfg.logging_steps, total) or 1,
+        save_every=save_every,
+        eval_every=eval_every,
+    )
+
+
+def make_plan(cfg: Any, base_dir: str | None = None, train_rows: int | None = None) -> RunPlan:
+    base_dir = base_dir or os.getcwd()
+    run_name = derive_run_name(cfg)
+    storage = resolve_path(cfg.ray_storage_path, base_dir)
+    run_dir = f"{storage}/{run_name}"
+    output_dir = resolve_path(cfg.output_dir, base_dir) if cfg.output_dir else f"{run_dir}/output"
+    resources = cfg.worker_resources()
+    return RunPlan(
+        run_name=run_name,
+        storage_path=storage,
+        run_dir=run_dir,
+        output_dir=output_dir,
+        num_workers=cfg.ray_num_workers,
+        resources_per_worker=resources,
+        placement_strategy=cfg.placement_strategy,
+        use_gpu=resources.get("GPU", 0) > 0,
+        per_device_batch_size=cfg.per_device_train_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        global_batch_size=cfg.global_batch_size(),
+        max_failures=cfg.ray_max_failures,
+        checkpoints_to_keep=cfg.save_total_limit,
+        save_strategy=cfg.save_strategy,
+        datasets=tuple(cfg.dataset_names()),
+        schedule=make_schedule(cfg, train_rows) if train_rows is not None else None,
+    )
+
+
+def _fmt(resources: dict[str, float]) -> str:
+    return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(resources.items())) + "}"
+
+
+def placement_problems(plan: RunPlan, nodes: list[dict[str, float]]) -> list[str]:
+    """Why the plan's bundles cannot be placed on a cluster whose alive nodes have these total resources."""
+    bundle, count = plan.resources_per_worker, plan.num_workers
+    wanted = f"{count} bundle{'s' if count != 1 else ''} of {_fmt(bundle)}"
+    problems = []
+    for resource, amount in sorted(bundle.items()):
+        total = sum(node.get(resource, 0.0) for node in nodes)
+        if amount * count > total:
+            problems.append(
+                f"{wanted} requested: needs {amount * count:g} {resource}, "
+                f"cluster has {total:g} {resource} on {len(nodes)} node{'s' if len(nodes) != 1 else ''}"
+            )
+    if problems:
+        return problems
+    per_node = [_capacity(node, bundle) for node in nodes]
+    if max(per_node, default=0) == 0:
+        return [f"{wanted} requested: no single node can hold one bundle"]
+    if plan.placement_strategy == "STRICT_PACK" and max(per_node) < count:
+        return [f"{wanted} requested with STRICT_PACK: the largest node holds {max(per_node)}"]
+    if plan.placement_strategy == "STRICT_SPREAD" and sum(1 for c in per_node if c > 0) < count:
+        usable = sum(1 for c in per_node if c > 0)
+        return [f"{wanted} requested with STRICT_SPREAD: only {usable} node(s) can hold a bundle"]
+    if sum(per_node) < count:
+        return [f"{wanted} requested: the nodes hold only {sum(per_node)} whole bundles"]
+    return []
+
+
+def _capacity(node: dict[str, float], bundle: dict[str, float]) -> int:
+    fits = [math.floor(node.get(res, 0.0) / amount + 1e-9) for res, amount in bundle.items() if amount > 0]
+    return min(fits) if fits else 1_000_000
+
+
+LOCAL_PATH_KEYS = ("model_name_or_path", "dataset_dir", "output_dir", "cache_dir", "ray_storage_path")
+
+
+def with_absolute_paths(cfg: Any, base_dir: str | None = None) -> Any:
+    """The config with local paths made absolute, so workers (whose cwd differs) find the same files.
+
+    Hub ids stay as they are: only paths that exist here, or that name where outputs go, are resolved.
+    """
+    base_dir = base_dir or os.getcwd()
+    update = {}
+    for key in LOCAL_PATH_KEYS:
+        value = getattr(cfg, key)
+        if not value or is_uri(value):
+            continue
+        candidate = resolve_path(value, base_dir)
+        if key in ("output_dir", "ray_storage_path", "cache_dir") or os.path.exists(candidate):
+            update[key] = candidate
+    adapters = [a.strip() for a in (cfg.adapter_name_or_path or "").split(",") if a.strip()]
+    if adapters:
+        update["adapter_name_or_path"] = ",".join(
+            resolve_path(a, base_dir) if os.path.exists(resolve_path(a, base_dir)) else a for a in adapters
+        )
+    return cfg.model_copy(update=update)

@@ -1,0 +1,109 @@
+"""Driver-side checks that need files but not Ray: datasets, template tokens, module names, the run directory.
+
+Everything found here is reported together with the config problems, before any worker starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any
+
+from .data.registry import DatasetSpec, resolve_datasets
+from .errors import ConfigError, PlanError, Problem
+from .plan import RunPlan, is_uri
+
+RUN_MARKER = "loom_run.json"
+
+
+def data_problems(cfg: Any) -> tuple[list[DatasetSpec], list[Problem]]:
+    return resolve_datasets(cfg.dataset_names(), cfg.dataset_dir)
+
+
+def model_problems(cfg: Any) -> list[Problem]:
+    """Module names in the config checked against the model's own structure, built on the meta device."""
+    if not cfg.model_name_or_path or not os.path.isdir(cfg.model_name_or_path):
+        return []
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from workers.model import module_name_problems
+
+    try:
+        config = AutoConfig.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError, KeyError) as error:
+        return [Problem("model_name_or_path", f"cannot read the model in {cfg.model_name_or_path!r}: {error}")]
+    return [Problem(key, message) for key, message in module_name_problems(cfg, model)]
+
+
+def tokenizer_problems(cfg: Any) -> list[Problem]:
+    if not cfg.model_name_or_path or not os.path.isdir(cfg.model_name_or_path):
+        return []
+    from .data.tokenizer import TokenizerSpec, load_tokenizer
+
+    try:
+        load_tokenizer(TokenizerSpec.from_config(cfg))
+    except (OSError, ValueError) as error:
+        return [Problem("template" if "template" in str(error) else "model_name_or_path", str(error))]
+    return []
+
+
+def preflight(cfg: Any, source: str) -> list[DatasetSpec]:
+    """Dataset specs when everything checks out; otherwise one ConfigError with every problem."""
+    specs, problems = data_problems(cfg)
+    problems += tokenizer_problems(cfg) + model_problems(cfg)
+    if problems:
+        raise ConfigError(problems, source=source)
+    return specs
+
+
+def read_marker(output_dir: str) -> dict | None:
+    path = os.path.join(output_dir, RUN_MARKER)
+    if is_uri(output_dir) or not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def prepare_run_dirs(cfg: Any, plan: RunPlan) -> str:
+    """Decide fresh / resume / refuse for the run directory and output_dir. Returns what will happen, in words."""
+    marker = read_marker(plan.output_dir)
+    if cfg.overwrite_output_dir:
+        _remove_run(plan, marker)
+        return "overwrite: the earlier run with this name was removed; training starts from step 0"
+    if marker and marker.get("status") == "finished":
+        raise PlanError(
+            f"run {plan.run_name!r} already finished ({plan.output_dir} holds its model, step {marker.get('step')}). "
+            "Set overwrite_output_dir: true to train it again from scratch, or choose another ray_run_name."
+        )
+    if not marker and _non_empty(plan.output_dir):
+        raise PlanError(
+            f"output_dir {plan.output_dir} is not empty and was not written by a Loom run; "
+            "choose another output_dir or set overwrite_output_dir: true."
+        )
+    if marker and marker.get("run_name") != plan.run_name:
+        raise PlanError(
+            f"output_dir {plan.output_dir} belongs to run {marker.get('run_name')!r}, not {plan.run_name!r}; "
+            "choose another output_dir or set overwrite_output_dir: true."
+        )
+    return "resume" if marker else "fresh"
+
+
+def _non_empty(folder: str) -> bool:
+    return not is_uri(folder) and os.path.isdir(folder) and bool(os.listdir(folder))
+
+
+def _remove_run(plan: RunPlan, marker: dict | None) -> None:
+    if is_uri(plan.run_dir):
+        import pyarrow.fs as pafs
+
+        filesystem, path = pafs.FileSystem.from_uri(plan.run_dir)
+        if filesystem.get_file_info(path).type != pafs.FileType.NotFound:
+            filesystem.delete_dir(path)
+    elif os.path.isdir(plan.run_dir):
+        shutil.rmtree(plan.run_dir)
+    if marker and os.path.isdir(plan.output_dir):
+        shutil.rmtree(plan.output_dir)  # only a folder Loom wrote (it holds our marker) is deleted whole

@@ -1,0 +1,104 @@
+"""Checkpoint folders: model or adapter, optimizer, scheduler, RNG, step and data position, manifest last.
+
+A folder without a complete manifest is never restored from: the manifest is written after every other file and
+lists each one with its size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+MANIFEST = "loom_checkpoint.json"
+STATE = "trainer_state.json"
+
+
+@dataclass
+class TrainState:
+    global_step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0  # micro-batches of `epoch` already consumed: the data position
+    tokens_seen: int = 0
+    total_steps: int = 0
+    finished: bool = False
+
+
+class IncompleteCheckpoint(RuntimeError):
+    pass
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    folder: str,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    state: TrainState,
+    rng_states: list[dict[str, Any]],
+    tokenizer: Any = None,
+) -> None:
+    os.makedirs(folder, exist_ok=True)
+    model.save_pretrained(os.path.join(folder, "model"), safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(os.path.join(folder, "model"))
+    torch.save(optimizer.state_dict(), os.path.join(folder, "optimizer.pt"))
+    torch.save(scheduler.state_dict(), os.path.join(folder, "scheduler.pt"))
+    torch.save(rng_states, os.path.join(folder, "rng_state.pt"))
+    with open(os.path.join(folder, STATE), "w", encoding="utf-8") as handle:
+        json.dump(asdict(state), handle, indent=2)
+    files = {
+        os.path.relpath(os.path.join(root, name), folder): os.path.getsize(os.path.join(root, name))
+        for root, _, names in os.walk(folder)
+        for name in names
+    }
+    with open(os.path.join(folder, MANIFEST), "w", encoding="utf-8") as handle:
+        json.dump({"format": 1, "step": state.global_step, "files": files}, handle, indent=2)
+
+
+def verify_checkpoint(folder: str) -> dict[str, Any]:
+    path = os.path.join(folder, MANIFEST)
+    if not os.path.isfile(path):
+        raise IncompleteCheckpoint(f"{folder} has no {MANIFEST}: it was not completely written")
+    with open(path, encoding="utf-8") as handle:
+        manifest = json.load(handle)
+    for name, size in manifest["files"].items():
+        full = os.path.join(folder, name)
+        if not os.path.isfile(full) or os.path.getsize(full) != size:
+            raise IncompleteCheckpoint(f"{folder}: {name} is missing or has the wrong size")
+    return manifest
+
+
+def read_state(folder: str) -> TrainState:
+    with open(os.path.join(folder, STATE), encoding="utf-8") as handle:
+        return TrainState(**json.load(handle))
+
+
+def restore_checkpoint(folder: str, optimizer: torch.optim.Optimizer, scheduler: Any, rank: int) -> TrainState:
+    """Optimizer, scheduler and this rank's RNG from a verified folder (the model was loaded from it already)."""
+    verify_checkpoint(folder)
+    optimizer.load_state_dict(torch.load(os.path.join(folder, "optimizer.pt"), map_location="cpu", weights_only=False))
+    scheduler.load_state_dict(torch.load(os.path.join(folder, "scheduler.pt"), weights_only=False))
+    rng_states = torch.load(os.path.join(folder, "rng_state.pt"), weights_only=False)
+    if rank < len(rng_states):
+        set_rng_state(rng_states[rank])
+    return read_state(folder)

@@ -1,0 +1,78 @@
+"""train_loop_per_worker: the only worker module that touches ray.train."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterator
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+
+from orchestrator.config.schema import LoomConfig
+
+from .context import DistContext
+from .loop import StageRunner
+
+
+class RayRunIO:
+    """RunIO over Ray Train: dataset shards, report (a barrier), checkpoints in the run's storage path."""
+
+    def __init__(self, cfg: LoomConfig, ctx: DistContext):
+        self.cfg, self.ctx = cfg, ctx
+
+    def batches(self, split: str, epoch: int) -> Iterator[dict[str, Any]]:
+        shard = ray.train.get_dataset_shard(split)
+        shuffle = split == "train" and not self.cfg.disable_shuffling
+        batch_size = self.cfg.per_device_train_batch_size if split == "train" else self.cfg.per_device_eval_batch_size
+        return iter(
+            shard.iter_batches(
+                batch_size=batch_size,
+                batch_format="numpy",
+                drop_last=False,
+                local_shuffle_buffer_size=batch_size * 16 if shuffle else None,
+                local_shuffle_seed=self.cfg.shuffle_seed() + epoch if shuffle else None,
+            )
+        )
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        name = f"checkpoint-{metrics['step']:06d}" if checkpoint_dir else None
+        try:
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+        finally:
+            if checkpoint_dir:
+                shutil.rmtree(checkpoint_dir, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self) -> Iterator[str | None]:
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            yield None
+            return
+        with checkpoint.as_directory() as folder:
+            yield folder
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        find_unused = bool(self.cfg.ddp_find_unused_parameters)
+        return ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": find_unused})
+
+
+def build_context() -> DistContext:
+    context = ray.train.get_context()
+    return DistContext(
+        rank=context.get_world_rank(),
+        world_size=context.get_world_size(),
+        local_rank=context.get_local_rank(),
+        device=ray.train.torch.get_device(),
+    )
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    cfg = LoomConfig.model_validate(loop_config["config"])
+    ctx = build_context()
+    StageRunner(cfg, loop_config["plan"], ctx, RayRunIO(cfg, ctx)).run()

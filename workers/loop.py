@@ -1,0 +1,254 @@
+"""The stage loop: micro-batches -> accumulation windows -> optimizer steps, with logging, eval and checkpoints.
+
+It talks to Ray only through `RunIO` (see entry.py), so the cadence and resume logic read as plain Python.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from .checkpoint import TrainState, restore_checkpoint, rng_state, save_checkpoint, verify_checkpoint
+from .context import DistContext
+from .model import build_model, load_tokenizer_for, parameter_report, parameter_status
+from .optim import build_optimizer, build_scheduler
+from .stages import get_stage
+from .trainlog import TrainerLog
+
+RUN_MARKER = "loom_run.json"
+
+
+class RunIO(Protocol):
+    def batches(self, split: str, epoch: int) -> Iterator[dict[str, Any]]: ...
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None: ...
+
+    def latest_checkpoint(self) -> contextlib.AbstractContextManager[str | None]: ...
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module: ...
+
+
+@dataclass
+class Window:
+    """What happened since the last log line on this rank."""
+
+    loss_total: float = 0.0
+    steps: int = 0
+    tokens: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def windows(batches: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    window: list[Any] = []
+    for batch in batches:
+        window.append(batch)
+        if len(window) == size:
+            yield window
+            window = []
+    if window:
+        yield window
+
+
+def skip(batches: Iterator[Any], count: int) -> Iterator[Any]:
+    for _ in range(count):
+        if next(batches, None) is None:
+            break
+    return batches
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def due(step: int, every: int | None, total: int) -> bool:
+    return bool(every) and (step % every == 0 or step == total)
+
+
+class StageRunner:
+    """Holds the model, optimizer and state of one worker and advances them step by step."""
+
+    def __init__(self, cfg: Any, plan: dict[str, Any], ctx: DistContext, io: RunIO):
+        self.cfg, self.plan, self.ctx, self.io = cfg, plan, ctx, io
+        self.schedule = plan["schedule"]
+        self.stage = get_stage(cfg.stage)
+        self.tokenizer = load_tokenizer_for(cfg)
+        seed_everything(cfg.seed)
+        with io.latest_checkpoint() as resume_dir:
+            if resume_dir:
+                verify_checkpoint(resume_dir)
+            model = build_model(cfg, os.path.join(resume_dir, "model") if resume_dir else None)
+            ctx.print0(parameter_report(model))
+            if cfg.print_param_status:
+                ctx.print0(parameter_status(model))
+            self.model = io.prepare_model(model)
+            self.optimizer = build_optimizer(cfg, self.model)
+            self.scheduler = build_scheduler(cfg, self.optimizer, self.schedule["warmup_steps"], self.total_steps)
+            self.state = TrainState(total_steps=self.total_steps)
+            if resume_dir:
+                self.state = restore_checkpoint(resume_dir, self.optimizer, self.scheduler, ctx.rank)
+                ctx.print0(
+                    f"resumed from step {self.state.global_step} (epoch {self.state.epoch}, "
+                    f"{self.state.batches_in_epoch} micro-batches into it)"
+                )
+        self.log = TrainerLog(os.path.join(plan["output_dir"], "trainer_log.jsonl")) if ctx.is_main else None
+        self.precision = self._precision()
+        self.scaler = torch.amp.GradScaler("cuda") if cfg.fp16 else None
+
+    @property
+    def total_steps(self) -> int:
+        return self.schedule["total_steps"]
+
+    def _precision(self) -> contextlib.AbstractContextManager:
+        if self.cfg.bf16 or self.cfg.fp16:
+            dtype = torch.bfloat16 if self.cfg.bf16 else torch.float16
+            return torch.autocast(self.ctx.device.type, dtype=dtype)
+        return contextlib.nullcontext()
+
+    def _collate(self, columns: dict[str, Any]) -> dict[str, torch.Tensor]:
+        batch = self.stage.collate(columns, self.tokenizer.pad_token_id, self.cfg.ignore_pad_token_for_loss)
+        return {k: v.to(self.ctx.device) for k, v in batch.items()}
+
+    def train_step(self, window: list[dict[str, Any]]) -> tuple[float, int]:
+        """One optimizer step over an accumulation window; loss normalised by the window's label count."""
+        batches = [self._collate(columns) for columns in window]
+        label_count = max(1, sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches))
+        step_loss = 0.0
+        for index, batch in enumerate(batches):
+            sync = index == len(batches) - 1 or not isinstance(self.model, torch.nn.parallel.DistributedDataParallel)
+            with contextlib.nullcontext() if sync else self.model.no_sync(), self._precision():
+                loss_sum, _ = self.stage.loss_sum(self.model, batch)
+                loss = loss_sum / label_count
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            step_loss += float(loss.detach())
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        if self.cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(
+                [p for p in self.model.parameters() if p.requires_grad], self.cfg.max_grad_norm
+            )
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+        return step_loss, tokens
+
+    def evaluate(self) -> float:
+        self.model.eval()
+        loss_total, count = 0.0, 0
+        with torch.no_grad(), self._precision():
+            for columns in self.io.batches("eval", 0):
+                loss_sum, n = self.stage.loss_sum(self.model, self._collate(columns))
+                loss_total, count = loss_total + float(loss_sum), count + n
+        self.model.train()
+        loss_total, count = self.ctx.sum([loss_total, count])
+        return loss_total / max(count, 1)
+
+    def run(self) -> TrainState:
+        if self.log:
+            self.log.truncate_after(self.state.global_step)
+            self._write_marker("running")
+        self.model.train()
+        window = Window()
+        while self.state.global_step < self.total_steps:
+            batches = skip(self.io.batches("train", self.state.epoch), self.state.batches_in_epoch)
+            for micro_batches in windows(batches, self.cfg.gradient_accumulation_steps):
+                loss, tokens = self.train_step(micro_batches)
+                self.state.global_step += 1
+                self.state.batches_in_epoch += len(micro_batches)
+                window.loss_total, window.steps, window.tokens = (
+                    window.loss_total + loss,
+                    window.steps + 1,
+                    window.tokens + tokens,
+                )
+                window = self._after_step(window)
+                if self.state.global_step >= self.total_steps:
+                    break
+            else:
+                self.state.epoch += 1
+                self.state.batches_in_epoch = 0
+        self.finish()
+        return self.state
+
+    def _after_step(self, window: Window) -> Window:
+        step, sched = self.state.global_step, self.schedule
+        log_now = due(step, sched["logging_every"], self.total_steps) or (step == 1 and self.cfg.logging_first_step)
+        save_now = due(step, sched["save_every"], self.total_steps) or step == self.total_steps
+        eval_now = due(step, sched["eval_every"], self.total_steps) or (step == self.total_steps and self.cfg.do_eval)
+        if not (log_now or save_now or eval_now):
+            return window
+        metrics: dict[str, Any] = {"step": step}
+        loss_total, steps, tokens = self.ctx.sum([window.loss_total, window.steps, window.tokens])
+        self.state.tokens_seen += int(tokens)
+        if log_now:
+            elapsed = time.perf_counter() - window.started
+            metrics.update(
+                loss=round(loss_total / max(steps, 1), 6),
+                learning_rate=self.scheduler.get_last_lr()[0],
+                epoch=round(step / sched["steps_per_epoch"], 4),
+                tokens_seen=self.state.tokens_seen,
+            )
+            if self.cfg.include_effective_tokens_per_second:
+                metrics["effective_tokens_per_sec"] = round(tokens / max(elapsed, 1e-9), 2)
+        if eval_now:
+            metrics["eval_loss"] = round(self.evaluate(), 6)
+        if self.log and (log_now or eval_now):
+            self.log.append(metrics)
+        checkpoint_dir = self._save_checkpoint() if save_now else None
+        self.io.report(metrics, checkpoint_dir)
+        return Window()
+
+    def _save_checkpoint(self) -> str | None:
+        """Rank 0 writes the checkpoint into a fresh local folder; every rank contributes its RNG state."""
+        rng_states = self.ctx.gather(rng_state())
+        if not self.ctx.is_main:
+            return None
+        self.state.finished = self.state.global_step >= self.total_steps
+        folder = tempfile.mkdtemp(prefix=f"loom-ckpt-{self.state.global_step}-")
+        save_checkpoint(folder, unwrap(self.model), self.optimizer, self.scheduler, self.state, rng_states)
+        return folder
+
+    def finish(self) -> None:
+        """Rank 0 writes the final model or adapter and tokenizer into output_dir, the marker last."""
+        if self.ctx.is_main:
+            model = unwrap(self.model)
+            model.config.use_cache = True
+            model.save_pretrained(self.plan["output_dir"], safe_serialization=True)
+            self.tokenizer.save_pretrained(self.plan["output_dir"])
+            self._write_marker("finished")
+        self.ctx.barrier()
+
+    def _write_marker(self, status: str) -> None:
+        os.makedirs(self.plan["output_dir"], exist_ok=True)
+        path = os.path.join(self.plan["output_dir"], RUN_MARKER)
+        record = {
+            "status": status,
+            "run_name": self.plan["run_name"],
+            "run_dir": self.plan["run_dir"],
+            "step": self.state.global_step,
+            "total_steps": self.total_steps,
+            "stage": self.cfg.stage,
+            "finetuning_type": self.cfg.finetuning_type,
+        }
+        with open(path + ".tmp", "w", encoding="utf-8") as handle:
+            json.dump(record, handle, indent=2)
+        os.replace(path + ".tmp", path)

@@ -1,0 +1,204 @@
+"""Load model and tokenizer, then make the right parameters trainable: lora, freeze or full."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+
+from orchestrator.config.values import split_csv
+from orchestrator.data.tokenizer import TokenizerSpec, load_tokenizer
+
+ATTENTION = {"auto": None, "disabled": "eager", "sdpa": "sdpa", "fa2": "flash_attention_2"}
+_LAYER_INDEX = re.compile(r"\.(\d+)\.")
+
+
+def load_tokenizer_for(cfg: Any) -> Any:
+    return load_tokenizer(TokenizerSpec.from_config(cfg))
+
+
+def model_dtype(cfg: Any) -> torch.dtype:
+    return torch.bfloat16 if cfg.pure_bf16 else torch.float32
+
+
+def load_base_model(cfg: Any, source: str | None = None) -> torch.nn.Module:
+    """The causal LM from `source` (default model_name_or_path), or randomly initialised for train_from_scratch."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = source or cfg.model_name_or_path
+    common = {"trust_remote_code": cfg.trust_remote_code, "token": cfg.hf_hub_token, "cache_dir": cfg.cache_dir}
+    attn = ATTENTION[cfg.flash_attn]
+    if cfg.train_from_scratch and source is None:
+        config = AutoConfig.from_pretrained(path, revision=cfg.model_revision, **common)
+        model = AutoModelForCausalLM.from_config(config, dtype=model_dtype(cfg), attn_implementation=attn)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            revision=cfg.model_revision if source is None else "main",
+            dtype=model_dtype(cfg),
+            attn_implementation=attn,
+            low_cpu_mem_usage=cfg.low_cpu_mem_usage,
+            **common,
+        )
+    return model
+
+
+def linear_module_names(model: torch.nn.Module) -> list[str]:
+    """Short names of the linear layers LoRA can target with `all` (the output head excluded)."""
+    head = model.get_output_embeddings()
+    names = {
+        name.split(".")[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and module is not head
+    }
+    return sorted(names)
+
+
+def lora_targets(cfg: Any, model: torch.nn.Module) -> list[str]:
+    targets = split_csv(cfg.lora_target)
+    return linear_module_names(model) if targets == ["all"] else targets
+
+
+def module_name_problems(cfg: Any, model: torch.nn.Module) -> list[tuple[str, str]]:
+    """(key, message) for module names in the config that the model does not have. Run on a meta-device model."""
+    problems = []
+    leaf_names = {name.split(".")[-1] for name, _ in model.named_modules() if name}
+    if cfg.finetuning_type == "lora":
+        for target in lora_targets(cfg, model):
+            if target not in leaf_names:
+                problems.append(
+                    (
+                        "lora_target",
+                        f"module {target!r} is not in the model; linear modules: {', '.join(linear_module_names(model))}",
+                    )
+                )
+        for extra in split_csv(cfg.additional_target):
+            if extra not in leaf_names:
+                problems.append(("additional_target", f"module {extra!r} is not in the model"))
+    if cfg.finetuning_type == "freeze":
+        hidden, other = _freeze_module_names(model)
+        for name in split_csv(cfg.freeze_trainable_modules):
+            if name != "all" and name not in hidden:
+                problems.append(
+                    (
+                        "freeze_trainable_modules",
+                        f"{name!r} is not a module of the hidden layers; have: {', '.join(sorted(hidden))}",
+                    )
+                )
+        for name in split_csv(cfg.freeze_extra_modules):
+            if name not in other:
+                problems.append(
+                    (
+                        "freeze_extra_modules",
+                        f"{name!r} is not a module outside the hidden layers; have: {', '.join(sorted(other))}",
+                    )
+                )
+    return problems
+
+
+def _freeze_module_names(model: torch.nn.Module) -> tuple[set[str], set[str]]:
+    """Module names inside the numbered hidden layers, and names of parameters' parents outside them."""
+    hidden, other = set(), set()
+    for name, _ in model.named_parameters():
+        match = _LAYER_INDEX.search(name)
+        if match:
+            hidden.add(name[match.end() :].split(".")[0])
+        else:
+            other.add(name.split(".")[-2] if "." in name else name)
+    return hidden, other
+
+
+def apply_freeze(cfg: Any, model: torch.nn.Module) -> None:
+    layers = model.config.num_hidden_layers
+    k = cfg.freeze_trainable_layers
+    layer_ids = range(max(0, layers - k), layers) if k > 0 else range(min(-k, layers))
+    modules = split_csv(cfg.freeze_trainable_modules)
+    patterns = [f".{i}.{'' if m == 'all' else m + '.'}" for i in layer_ids for m in modules]
+    extras = split_csv(cfg.freeze_extra_modules)
+    for name, param in model.named_parameters():
+        trainable = any(p in name for p in patterns) or any(f".{e}." in f".{name}" for e in extras)
+        param.requires_grad_(trainable)
+        if trainable and param.dtype != torch.float32 and not cfg.pure_bf16:
+            param.data = param.data.float()
+
+
+def lora_config(cfg: Any, model: torch.nn.Module) -> Any:
+    from peft import LoraConfig, TaskType
+
+    init: Any = True
+    if cfg.pissa_init:
+        init = "pissa" if cfg.pissa_iter == -1 else f"pissa_niter_{cfg.pissa_iter}"
+    return LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=cfg.lora_rank,
+        lora_alpha=cfg.effective_lora_alpha(),
+        lora_dropout=cfg.lora_dropout,
+        target_modules=lora_targets(cfg, model),
+        modules_to_save=split_csv(cfg.additional_target) or None,
+        use_rslora=cfg.use_rslora,
+        use_dora=cfg.use_dora,
+        init_lora_weights=init,
+    )
+
+
+def apply_lora(cfg: Any, model: torch.nn.Module, resume_dir: str | None) -> torch.nn.Module:
+    from peft import PeftModel, get_peft_model
+
+    adapters = split_csv(cfg.adapter_name_or_path)
+    if resume_dir:
+        # The checkpoint's adapter already contains everything trained so far, earlier adapters merged in.
+        for path in adapters[:-1]:
+            model = PeftModel.from_pretrained(model, path).merge_and_unload()
+        return PeftModel.from_pretrained(model, resume_dir, is_trainable=True)
+    if adapters:
+        for path in adapters[:-1]:
+            model = PeftModel.from_pretrained(model, path).merge_and_unload()
+        return PeftModel.from_pretrained(model, adapters[-1], is_trainable=True)
+    return get_peft_model(model, lora_config(cfg, model))
+
+
+def enable_gradient_checkpointing(cfg: Any, model: torch.nn.Module) -> None:
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": cfg.use_reentrant_gc})
+    model.config.use_cache = False
+    if cfg.finetuning_type != "full" and cfg.use_reentrant_gc:
+        # Reentrant checkpointing needs an input that requires grad, or frozen embeddings cut the graph.
+        model.enable_input_require_grads()
+
+
+def upcast(cfg: Any, model: torch.nn.Module) -> None:
+    if cfg.upcast_layernorm:
+        for name, param in model.named_parameters():
+            if param.ndim == 1 and "norm" in name:
+                param.data = param.data.float()
+    if cfg.upcast_lmhead_output:
+        head = model.get_output_embeddings()
+        head.register_forward_hook(lambda _module, _inputs, output: output.float())
+
+
+def build_model(cfg: Any, resume_dir: str | None = None) -> torch.nn.Module:
+    """The trainable model: base weights (or the checkpoint's, for full/freeze), then the fine-tuning method."""
+    full_weights_from_checkpoint = resume_dir if cfg.finetuning_type != "lora" else None
+    model = load_base_model(cfg, full_weights_from_checkpoint)
+    if cfg.finetuning_type == "lora":
+        model = apply_lora(cfg, model, resume_dir)
+    elif cfg.finetuning_type == "freeze":
+        apply_freeze(cfg, model)
+    else:
+        model.requires_grad_(True)
+    upcast(cfg, model)
+    if cfg.uses_gradient_checkpointing():
+        enable_gradient_checkpointing(cfg, model)
+    return model
+
+
+def parameter_report(model: torch.nn.Module) -> str:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return f"trainable params: {trainable:,} / {total:,} ({100 * trainable / max(total, 1):.2f}%)"
+
+
+def parameter_status(model: torch.nn.Module) -> str:
+    return "\n".join(
+        f"{name}: dtype={p.dtype} device={p.device} trainable={p.requires_grad}" for name, p in model.named_parameters()
+    )

@@ -1,0 +1,5 @@
+"""Supervised fine-tuning: labels are the response tokens; prompts are masked by the supervised processor."""
+
+from .causal_lm import CausalLMStage
+
+STAGE = CausalLMStage("sft")
