@@ -24,6 +24,14 @@ class TrainOutcome:
     timings: dict[str, float]
 
 
+FORWARDED_PREFIXES = ("LOOM_", "HF_", "TRANSFORMERS_", "TOKENIZERS_", "DS_")
+
+
+def forwarded_env() -> dict[str, str]:
+    """Driver environment the workers need too (offline mode, debug knobs): Ray workers do not inherit it."""
+    return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_PREFIXES)}
+
+
 class Stopwatch:
     def __init__(self) -> None:
         self.laps: dict[str, float] = {}
@@ -42,7 +50,7 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS")
-    quiet = {"log_to_driver": True, "logging_level": logging.WARNING}
+    quiet = {"log_to_driver": True, "logging_level": logging.WARNING, "runtime_env": {"env_vars": forwarded_env()}}
     if address:
         ray.init(address=address, **quiet)
         started = False

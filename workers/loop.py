@@ -26,6 +26,8 @@ from .stages import get_stage
 from .trainlog import TrainerLog
 
 RUN_MARKER = "loom_run.json"
+# Debug knob: seconds to sleep after each optimizer step, so failure tests can interrupt a run mid-way.
+STEP_DELAY_S = float(os.environ.get("LOOM_STEP_DELAY_S", "0"))
 
 
 class RunIO(Protocol):
@@ -190,6 +192,8 @@ class StageRunner:
         return self.state
 
     def _after_step(self, window: Window) -> Window:
+        if STEP_DELAY_S:
+            time.sleep(STEP_DELAY_S)
         step, sched = self.state.global_step, self.schedule
         log_now = due(step, sched["logging_every"], self.total_steps) or (step == 1 and self.cfg.logging_first_step)
         save_now = due(step, sched["save_every"], self.total_steps) or step == self.total_steps

@@ -159,7 +159,11 @@ def apply_lora(cfg: Any, model: torch.nn.Module, resume_dir: str | None) -> torc
 
 
 def enable_gradient_checkpointing(cfg: Any, model: torch.nn.Module) -> None:
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": cfg.use_reentrant_gc})
+    kwargs = {"use_reentrant": cfg.use_reentrant_gc}
+    if hasattr(model, "activation_checkpointing_enable"):  # the transformers 5 name; the old one warns
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.config.use_cache = False
     if cfg.finetuning_type != "full" and cfg.use_reentrant_gc:
         # Reentrant checkpointing needs an input that requires grad, or frozen embeddings cut the graph.

@@ -42,11 +42,24 @@ def parse_overrides(overrides: list[str]) -> tuple[dict[str, Any], list[Problem]
         if not sep or not key.strip():
             problems.append(Problem(item, "an override must look like key=value"))
             continue
-        try:
-            values[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
-            values[key.strip()] = raw
+        values[key.strip()] = _scalar(raw)
     return values, problems
+
+
+def _scalar(raw: str) -> Any:
+    """YAML's reading of a value, except that `1e-4` (a string to YAML 1.1) is the float it looks like."""
+    if not raw.strip():
+        return None
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+    if isinstance(value, str):
+        try:
+            return float(value) if any(c in value for c in "eE.") else value
+        except ValueError:
+            return value
+    return value
 
 
 def load_config(path: str | None, overrides: list[str] | None = None) -> LoomConfig:

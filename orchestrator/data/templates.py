@@ -42,7 +42,7 @@ class Template:
     name: str
     user: tuple[Slot, ...] = ("{{content}}",)
     assistant: tuple[Slot, ...] | None = None  # None: "{{content}}" + EOS (or no EOS with efficient_eos)
-    system: tuple[Slot, ...] | None = None  # None: same as the user slots
+    system: tuple[Slot, ...] = ("{{content}}",)
     prefix: tuple[Slot, ...] = ()
     default_system: str = ""
     stop_words: tuple[str, ...] = ()
@@ -55,10 +55,6 @@ class Template:
         if self.assistant is not None:
             return self.assistant
         return ("{{content}}",) if self.efficient_eos else ("{{content}}", EOS)
-
-    @property
-    def system_slots(self) -> tuple[Slot, ...]:
-        return self.system if self.system is not None else self.user
 
     def encode_turns(
         self, tokenizer: TokenizerLike, messages: list[dict[str, str]], system: str | None = None
@@ -73,9 +69,9 @@ class Template:
                 slots += self.prefix
                 if system:
                     if self.fuse_system_into_user:
-                        system_text = _render_text(self.system_slots, system)
+                        system_text = _render_text(self.system, system)
                     else:
-                        slots += _fill(self.system_slots, system)
+                        slots += _fill(self.system, system)
             role = message["role"]
             if role == "user":
                 slots += _fill(self.user, system_text + message["content"])

@@ -1,0 +1,66 @@
+"""Session fixtures: one tiny model and one local Ray cluster (started with `ray start --head`) for the whole run."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+VENV_BIN = Path(sys.executable).parent
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may download
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault(
+    "RAY_AUTH_MODE", "disabled"
+)  # one local test cluster; token auth would need a token in every client
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    from orchestrator.tiny import build_tiny_model
+
+    return build_tiny_model(str(tmp_path_factory.mktemp("tiny") / "tiny-llama"))
+
+
+class RayCluster:
+    def __init__(self, gcs_address: str, dashboard_url: str):
+        self.gcs_address = gcs_address
+        self.dashboard_url = dashboard_url
+
+    def env(self) -> dict[str, str]:
+        """Environment for a subprocess (`loom train`, `ray job submit`) that must use this cluster."""
+        return {**os.environ, "RAY_ADDRESS": self.gcs_address, "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}"}
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory) -> RayCluster:
+    """A head node with 4 logical CPUs (2 training workers plus room for Ray Data) and a dashboard for jobs."""
+    import ray
+
+    port, dashboard_port = free_port(), free_port()
+    ray_bin = str(VENV_BIN / "ray")
+    subprocess.run(
+        [ray_bin, "start", "--head", f"--port={port}", f"--dashboard-port={dashboard_port}", "--num-cpus=4",
+         "--include-dashboard=true", "--disable-usage-stats"],
+        check=True, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    gcs = f"127.0.0.1:{port}"
+    try:
+        from orchestrator.launch import connect
+
+        connect(gcs)
+        yield RayCluster(gcs, f"http://127.0.0.1:{dashboard_port}")
+    finally:
+        ray.shutdown()
+        subprocess.run([ray_bin, "stop", "--force"], capture_output=True, timeout=120)
+        time.sleep(1)

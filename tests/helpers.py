@@ -1,0 +1,44 @@
+"""Shared test helpers: a char-level tokenizer for exact template checks, paths of the repo."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_DATA = REPO / "orchestrator" / "demo" / "data"
+SHARED = REPO.parent / "shared"
+LLAMAFACTORY_DATA = SHARED / "data" / "llamafactory"
+
+
+class CharTokenizer:
+    """One id per character (its code point + 1000); a few named special tokens below 1000."""
+
+    SPECIAL = {"<s>": 1, "</s>": 2, "<pad>": 0, "<|im_start|>": 3, "<|im_end|>": 4}
+
+    def __init__(self, bos: bool = True):
+        self.bos_token_id = 1 if bos else None
+        self.eos_token_id = 2
+        self.pad_token_id = 0
+        self.unk_token_id = None
+        self.eos_token = "</s>"
+        self.bos_token = "<s>"
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        ids, i = [], 0
+        while i < len(text):
+            for token, token_id in self.SPECIAL.items():
+                if text.startswith(token, i):
+                    ids.append(token_id)
+                    i += len(token)
+                    break
+            else:
+                ids.append(ord(text[i]) + 1000)
+                i += 1
+        return ids
+
+    def convert_tokens_to_ids(self, token: str) -> int | None:
+        return self.SPECIAL.get(token)
+
+    def decode_ids(self, ids: list[int]) -> str:
+        names = {v: k for k, v in self.SPECIAL.items()}
+        return "".join(names[i] if i in names else chr(i - 1000) for i in ids)

@@ -1,0 +1,118 @@
+"""Real training on the session's local Ray cluster: 2 CPU workers, tiny model, real files."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from orchestrator.config import validate_config
+from orchestrator.errors import DataError, PlanError
+from orchestrator.launch import train
+
+
+def run(raw: dict, ray_cluster):
+    return train(validate_config(raw), source="test", address=ray_cluster.gcs_address)
+
+
+def logged(output_dir: str) -> list[dict]:
+    with open(os.path.join(output_dir, "trainer_log.jsonl")) as handle:
+        return [json.loads(line) for line in handle]
+
+
+def assert_loss_went_down(records: list[dict]) -> None:
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2, losses
+
+
+def assert_checkpoint_layout(run_dir: str, steps: list[int]) -> None:
+    names = sorted(n for n in os.listdir(run_dir) if n.startswith("checkpoint-"))
+    assert names == [f"checkpoint-{s:06d}" for s in steps], names
+    for name in names:
+        files = set(os.listdir(os.path.join(run_dir, name)))
+        assert {
+            "model",
+            "optimizer.pt",
+            "scheduler.pt",
+            "rng_state.pt",
+            "trainer_state.json",
+            "loom_checkpoint.json",
+        } <= files
+    with open(os.path.join(run_dir, names[-1], "trainer_state.json")) as handle:
+        state = json.load(handle)
+    assert state["global_step"] == steps[-1] and state["finished"] is True
+
+
+def test_sft_lora_trains_saves_an_adapter_and_refuses_to_overwrite(ray_cluster, train_config, tiny_model):
+    raw = train_config(finetuning_type="lora", lora_rank=8, save_total_limit=2, save_steps=3)
+    outcome = run(raw, ray_cluster)
+    records = logged(outcome.output_dir)
+    assert [r["step"] for r in records] == list(range(1, 9))
+    assert records[-1]["tokens_seen"] > records[0]["tokens_seen"] > 0
+    assert_loss_went_down(records)
+    assert_checkpoint_layout(outcome.plan.run_dir, [6, 8])  # every 3 steps + the last, 2 kept
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "loom_run.json"} <= set(
+        os.listdir(outcome.output_dir)
+    )
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    model = PeftModel.from_pretrained(base, outcome.output_dir)
+    tokenizer = AutoTokenizer.from_pretrained(outcome.output_dir)
+    assert model(**tokenizer("Add 1 and 2.", return_tensors="pt")).logits.shape[-1] == base.config.vocab_size
+
+    with pytest.raises(PlanError, match="already finished"):
+        run(raw, ray_cluster)
+
+
+def test_sft_freeze_changes_only_the_trainable_layers(ray_cluster, train_config, tiny_model):
+    outcome = run(train_config(finetuning_type="freeze", freeze_trainable_layers=1, learning_rate=1e-3), ray_cluster)
+    assert_loss_went_down(logged(outcome.output_dir))
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
+    tuned = AutoModelForCausalLM.from_pretrained(outcome.output_dir).state_dict()
+    changed = {name for name in base if not torch.equal(base[name], tuned[name])}
+    assert changed and all(".layers.1." in name for name in changed), changed
+
+
+def test_sft_full_with_validation_split(ray_cluster, train_config):
+    raw = train_config(finetuning_type="full", learning_rate=1e-3, val_size=0.25, do_eval=True,
+                       eval_strategy="steps", eval_steps=4, bf16=True)  # fmt: skip
+    outcome = run(raw, ray_cluster)
+    records = logged(outcome.output_dir)
+    assert_loss_went_down(records)
+    assert [r["step"] for r in records if "eval_loss" in r] == [4, 8]
+    assert outcome.data_summary["eval_examples"] == 32 and outcome.data_summary["train_examples"] == 96
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(outcome.output_dir) is not None
+
+
+def test_pretraining_packs_text_and_learns(ray_cluster, train_config):
+    raw = train_config(stage="pt", dataset="loom_demo_pt", template=None, finetuning_type="lora", cutoff_len=64,
+                       max_samples=None, gradient_accumulation_steps=2)  # fmt: skip
+    outcome = run(raw, ray_cluster)
+    assert_loss_went_down(logged(outcome.output_dir))
+    assert outcome.plan.schedule.total_steps == 8
+    # packed blocks are exactly cutoff_len long: tokens per example == 64
+    assert outcome.data_summary["train_tokens"] == 64 * outcome.data_summary["train_examples"]
+
+
+def test_unplaceable_bundles_fail_fast(ray_cluster, train_config):
+    with pytest.raises(PlanError, match=r"2 bundles of \{GPU: 1\} requested: needs 2 GPU, cluster has 0 GPU"):
+        run(train_config(resources_per_worker={"GPU": 1}), ray_cluster)
+    with pytest.raises(PlanError, match="needs 10 CPU"):
+        run(train_config(ray_num_workers=10), ray_cluster)
+
+
+def test_missing_dataset_column_stops_before_workers(ray_cluster, train_config, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "rows.jsonl").write_text(json.dumps({"instruction": "hi", "answer": "yo"}) + "\n")
+    with pytest.raises(DataError, match=r"columns \['output'\] are missing"):
+        run(train_config(dataset="rows.jsonl", dataset_dir=str(data)), ray_cluster)

@@ -1,0 +1,155 @@
+"""Config loading and validation: every problem reported together, with key, value given and what is allowed."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from orchestrator.config import LoomConfig, load_config, validate_config
+from orchestrator.config.loader import parse_overrides
+from orchestrator.errors import ConfigError
+from tests.helpers import DEMO_DATA, REPO
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    """A folder that passes the model-path check (config.json present); no weights needed for validation."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    return str(folder)
+
+
+def base(model_dir: str, **extra) -> dict:
+    return {
+        "model_name_or_path": model_dir,
+        "dataset": "loom_demo_sft",
+        "dataset_dir": str(DEMO_DATA),
+        "resources_per_worker": {"CPU": 1},
+        **extra,
+    }
+
+
+def problems(raw: dict) -> dict[str, str]:
+    with pytest.raises(ConfigError) as caught:
+        validate_config(raw)
+    return {p.key: p.message for p in caught.value.problems}
+
+
+def test_valid_config_keeps_values_and_defaults(model_dir):
+    cfg = validate_config(base(model_dir, lora_rank=16, template="default"))
+    assert cfg.lora_rank == 16
+    assert cfg.effective_lora_alpha() == 32
+    assert cfg.cutoff_len == 2048 and cfg.stage == "sft" and cfg.finetuning_type == "lora"
+
+
+def test_ten_mistakes_are_reported_together(model_dir):
+    raw = base(
+        model_dir,
+        lora_rnak=8,  # 1 misspelled key
+        stage="sfft",  # 2 wrong literal
+        cutoff_len=-5,  # 3 out of range
+        learning_rate="fast",  # 4 wrong type
+        template="defualt",  # 5 unknown template
+        neat_packing=True,  # 6 contradiction (no packing); also not built yet
+        pref_beta=0.2,  # 7 DPO-only key with stage sft
+        fp16=True,  # 8 needs a GPU
+        quantization_bit=4,  # 9 not supported yet
+        lora_dropout=1.5,  # 10 out of range
+    )
+    found = problems(raw)
+    expected = {
+        "lora_rnak", "stage", "cutoff_len", "learning_rate", "template",
+        "neat_packing", "pref_beta", "fp16", "quantization_bit", "lora_dropout",
+    }  # fmt: skip
+    assert expected <= set(found), found
+    assert "did you mean 'lora_rank'" in found["lora_rnak"]
+    assert "did you mean 'sft'" in found["stage"] and "allowed: pt, sft" in found["stage"]
+    assert "-5" in found["cutoff_len"] and "greater than or equal to 1" in found["cutoff_len"]
+    assert "did you mean 'default'" in found["template"]
+    assert "only used with stage dpo" in found["pref_beta"]
+    assert "not supported yet" in found["quantization_bit"]
+
+
+def test_error_message_names_source_and_counts(model_dir):
+    with pytest.raises(ConfigError) as caught:
+        validate_config(base(model_dir, lora_rnak=1, stage="x"), source="cfg.yaml")
+    text = str(caught.value)
+    assert text.startswith("2 problems in cfg.yaml:")
+    assert "  - lora_rnak: unknown key (given 1)" in text
+
+
+@pytest.mark.parametrize(
+    ("extra", "key", "phrase"),
+    [
+        ({"pissa_convert": True}, "pissa_convert", "needs pissa_init"),
+        ({"finetuning_type": "full", "lora_rank": 16}, "lora_rank", "only used with finetuning_type 'lora'"),
+        ({"finetuning_type": "lora", "freeze_trainable_layers": 4}, "freeze_trainable_layers", "'freeze'"),
+        ({"bf16": True, "fp16": True, "resources_per_worker": {"GPU": 1}}, "fp16", "choose one"),
+        ({"do_eval": True}, "val_size", "nothing to evaluate"),
+        ({"stage": "dpo"}, "stage", "not yet"),
+        ({"mix_strategy": "interleave_under"}, "mix_strategy", "only concat"),
+        ({"packing": True}, "packing", "not built yet"),
+        ({"resources_per_worker": "{not json"}, "resources_per_worker", "given"),
+        ({"resources_per_worker": {"CPU": -1}}, "resources_per_worker", ">= 0"),
+        ({"model_name_or_path": "./no/such/model"}, "model_name_or_path", "does not exist"),
+        ({"dataset": None}, "dataset", "required"),
+        ({"report_to": "wandb"}, "report_to", "not wired"),
+        ({"flash_attn": "fa2"}, "flash_attn", "GPU"),
+        (
+            {"gradient_checkpointing": True, "disable_gradient_checkpointing": True},
+            "gradient_checkpointing",
+            "true too",
+        ),
+        ({"compute_dtype": "bfloat16"}, "compute_dtype", "refused"),
+        ({"dataloader_num_workers": 4}, "dataloader_num_workers", "refused"),
+    ],
+)
+def test_contradictions_and_unsupported_values(model_dir, extra, key, phrase):
+    found = problems(base(model_dir, **extra))
+    assert key in found, found
+    assert phrase in found[key]
+
+
+def test_json_string_resources_and_gpu_detection(model_dir):
+    cfg = validate_config(base(model_dir, resources_per_worker='{"CPU": 2, "GPU": 1}'))
+    assert cfg.worker_resources() == {"CPU": 2.0, "GPU": 1.0}
+    assert cfg.gpus_per_worker() == 1.0
+
+
+def test_overrides_are_typed_yaml_scalars():
+    values, errors = parse_overrides(["lora_rank=16", "bf16=true", "learning_rate=1e-4", "template=default", "oops"])
+    assert values == {"lora_rank": 16, "bf16": True, "learning_rate": 1e-4, "template": "default"}
+    assert [p.key for p in errors] == ["oops"]
+
+
+def test_load_yaml_file_with_overrides(tmp_path, model_dir):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(base(model_dir, lora_rank=4)))
+    cfg = load_config(str(path), ["lora_rank=32", "seed=7"])
+    assert (cfg.lora_rank, cfg.seed) == (32, 7)
+
+
+def test_missing_file_and_non_mapping(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(str(tmp_path / "nope.yaml"))
+    bad = tmp_path / "list.yaml"
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(str(bad))
+
+
+def test_config_is_frozen_and_round_trips(model_dir):
+    cfg = validate_config(base(model_dir))
+    again = LoomConfig.model_validate(cfg.model_dump())
+    assert again == cfg
+    with pytest.raises(Exception):
+        cfg.lora_rank = 3
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path, model_dir, monkeypatch):
+    """Each example config validates (model path swapped for a stand-in; relative paths from the repo root)."""
+    monkeypatch.chdir(REPO)
+    cfg = load_config(str(path), [f"model_name_or_path={model_dir}"])
+    assert cfg.dataset_names(), path

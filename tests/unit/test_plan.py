@@ -1,0 +1,141 @@
+"""The pure plan: workers, bundles, strategy, paths, batch arithmetic and placement checks, in milliseconds."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from orchestrator.config import validate_config
+from orchestrator.plan import derive_run_name, make_plan, make_schedule, placement_problems, with_absolute_paths
+from tests.helpers import DEMO_DATA
+
+
+@pytest.fixture
+def cfg_of(tmp_path):
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+
+    def build(**extra):
+        raw = {"model_name_or_path": str(model), "dataset": "loom_demo_sft", "dataset_dir": str(DEMO_DATA)}
+        return validate_config({**raw, **extra})
+
+    return build
+
+
+def test_plan_module_imports_no_ray_or_torch():
+    import importlib
+    import subprocess
+
+    code = "import orchestrator.plan, sys; print(any(m.split('.')[0] in ('ray', 'torch') for m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "False"
+    assert importlib.import_module("orchestrator.plan")
+
+
+@pytest.mark.parametrize(
+    ("workers", "resources", "strategy", "gpu"),
+    [
+        (1, {"GPU": 1}, "PACK", True),
+        (2, {"CPU": 1}, "PACK", False),
+        (4, '{"CPU": 2, "GPU": 1}', "SPREAD", True),
+        (3, {"CPU": 0.5, "memory": 1e9}, "STRICT_SPREAD", False),
+        (8, {"GPU": 1, "accelerator_type:H100": 0.001}, "STRICT_PACK", True),
+    ],
+)
+def test_plan_for_worker_resource_strategy_combinations(cfg_of, workers, resources, strategy, gpu):
+    cfg = cfg_of(ray_num_workers=workers, resources_per_worker=resources, placement_strategy=strategy,
+                 per_device_train_batch_size=4, gradient_accumulation_steps=2)  # fmt: skip
+    plan = make_plan(cfg, base_dir="/base")
+    expected = json.loads(resources) if isinstance(resources, str) else resources
+    assert plan.num_workers == workers
+    assert plan.resources_per_worker == {k: float(v) for k, v in expected.items()}
+    assert plan.placement_strategy == strategy
+    assert plan.use_gpu is gpu
+    assert plan.global_batch_size == 4 * 2 * workers
+    text = plan.describe()
+    assert f"{workers} x " in text and strategy in text and f"= {4 * 2 * workers} examples per step" in text
+
+
+def test_default_bundle_is_one_gpu_as_in_the_seed(cfg_of):
+    plan = make_plan(cfg_of(), base_dir="/b")
+    assert plan.resources_per_worker == {"GPU": 1.0} and plan.use_gpu
+
+
+def test_paths_and_derived_run_name_are_stable(cfg_of):
+    cfg = cfg_of(ray_storage_path="./saves", lora_rank=4)
+    plan = make_plan(cfg, base_dir="/work/x")
+    assert plan.storage_path == "/work/x/saves"
+    assert plan.run_dir == f"/work/x/saves/{plan.run_name}"
+    assert plan.output_dir == f"{plan.run_dir}/output"
+    assert plan.run_name.startswith("loom-sft-lora-")
+    assert derive_run_name(cfg_of(ray_storage_path="./saves", lora_rank=4)) == plan.run_name
+    assert derive_run_name(cfg_of(ray_storage_path="./saves", lora_rank=8, logging_steps=3)) != plan.run_name
+    assert derive_run_name(cfg_of(ray_storage_path="./saves", lora_rank=4, logging_steps=3)) == plan.run_name
+    assert make_plan(cfg_of(ray_run_name="mine"), base_dir="/b").run_name == "mine"
+    assert make_plan(cfg_of(ray_storage_path="s3://bucket/runs/"), base_dir="/b").run_dir.startswith(
+        "s3://bucket/runs/"
+    )
+
+
+def test_schedule_arithmetic(cfg_of):
+    cfg = cfg_of(ray_num_workers=2, per_device_train_batch_size=4, gradient_accumulation_steps=3, num_train_epochs=2.5,
+                 warmup_ratio=0.1, logging_steps=0.25, save_steps=4, eval_strategy="steps", eval_steps=5, val_size=0.1)  # fmt: skip
+    s = make_schedule(cfg, train_rows=101)  # 50 rows per worker -> 13 micro-batches -> 5 steps per epoch
+    assert (s.rows_per_worker, s.micro_batches_per_epoch, s.steps_per_epoch) == (50, 13, 5)
+    assert s.total_steps == 13 and s.warmup_steps == 2
+    assert (s.logging_every, s.save_every, s.eval_every) == (4, 4, 5)
+    assert make_schedule(cfg_of(max_steps=7), 1000).total_steps == 7
+    assert make_schedule(cfg_of(save_strategy="epoch", per_device_train_batch_size=10), 100).save_every == 10
+    assert make_schedule(cfg_of(save_strategy="no"), 100).save_every is None
+
+
+def test_absolute_paths_leave_hub_ids(cfg_of, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = with_absolute_paths(cfg_of(ray_storage_path="runs", output_dir="out"), str(tmp_path))
+    assert cfg.ray_storage_path == str(tmp_path / "runs") and cfg.output_dir == str(tmp_path / "out")
+    hub = cfg.model_copy(update={"model_name_or_path": "org/model"})
+    assert with_absolute_paths(hub, str(tmp_path)).model_name_or_path == "org/model"
+
+
+def node(**resources):
+    return {k: float(v) for k, v in resources.items()}
+
+
+@pytest.mark.parametrize(
+    ("workers", "bundle", "strategy", "nodes", "phrase"),
+    [
+        (
+            3,
+            {"GPU": 1},
+            "PACK",
+            [node(CPU=8, GPU=2)],
+            "3 bundles of {GPU: 1} requested: needs 3 GPU, cluster has 2 GPU on 1 node",
+        ),
+        (2, {"GPU": 1}, "PACK", [node(CPU=2)], "cluster has 0 GPU"),
+        (2, {"CPU": 4}, "PACK", [node(CPU=3), node(CPU=3), node(CPU=3)], "no single node can hold one bundle"),
+        (2, {"CPU": 2}, "STRICT_PACK", [node(CPU=2), node(CPU=2)], "STRICT_PACK: the largest node holds 1"),
+        (3, {"CPU": 1}, "STRICT_SPREAD", [node(CPU=4), node(CPU=4)], "only 2 node(s) can hold a bundle"),
+        (3, {"CPU": 2}, "SPREAD", [node(CPU=3), node(CPU=3)], "hold only 2 whole bundles"),
+    ],
+)
+def test_placement_problems_say_what_is_missing(cfg_of, workers, bundle, strategy, nodes, phrase):
+    plan = make_plan(cfg_of(ray_num_workers=workers, resources_per_worker=bundle, placement_strategy=strategy), "/b")
+    found = placement_problems(plan, nodes)
+    assert found and phrase in found[0], found
+
+
+@pytest.mark.parametrize(
+    ("workers", "bundle", "strategy", "nodes"),
+    [
+        (2, {"CPU": 1}, "PACK", [node(CPU=2)]),
+        (2, {"CPU": 1}, "STRICT_SPREAD", [node(CPU=1), node(CPU=1)]),
+        (4, {"GPU": 1, "CPU": 1}, "STRICT_PACK", [node(CPU=16, GPU=8), node(CPU=4)]),
+        (16, {"GPU": 1}, "SPREAD", [node(GPU=8), node(GPU=8), node(CPU=4)]),
+    ],
+)
+def test_placeable_plans_pass(cfg_of, workers, bundle, strategy, nodes):
+    plan = make_plan(cfg_of(ray_num_workers=workers, resources_per_worker=bundle, placement_strategy=strategy), "/b")
+    assert placement_problems(plan, nodes) == []
