@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from orchestrator.config import LoomConfig, load_config, validate_config
 from orchestrator.config.loader import parse_overrides
@@ -143,7 +144,7 @@ def test_config_is_frozen_and_round_trips(model_dir):
     cfg = validate_config(base(model_dir))
     again = LoomConfig.model_validate(cfg.model_dump())
     assert again == cfg
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         cfg.lora_rank = 3
 
 
