@@ -30,11 +30,12 @@ def load_trained(cfg: Any, model_dir: str) -> tuple[Any, Any]:
     return model.eval(), tokenizer
 
 
-def generation_kwargs(cfg: Any, tokenizer: Any) -> dict[str, Any]:
+def generation_kwargs(cfg: Any, tokenizer: Any, prompt_len: int) -> dict[str, Any]:
+    """max_new_tokens bounds the answer and max_length the prompt plus answer; the tighter one wins."""
     kwargs = {
         "do_sample": cfg.do_sample,
         "num_beams": cfg.num_beams,
-        "max_new_tokens": cfg.max_new_tokens,
+        "max_new_tokens": max(1, min(cfg.max_new_tokens, cfg.max_length - prompt_len)),
         "repetition_penalty": cfg.repetition_penalty,
         "length_penalty": cfg.length_penalty,
         "use_cache": cfg.use_cache,

@@ -89,7 +89,25 @@ def prepare_run_dirs(cfg: Any, plan: RunPlan) -> str:
             f"output_dir {plan.output_dir} belongs to run {marker.get('run_name')!r}, not {plan.run_name!r}; "
             "choose another output_dir or set overwrite_output_dir: true."
         )
-    return "resume" if marker else "fresh"
+    latest = latest_committed_checkpoint(plan.run_dir)
+    if latest:
+        return f"resume from {latest}"
+    return "fresh (an earlier attempt left no committed checkpoint)" if marker else "fresh"
+
+
+def latest_committed_checkpoint(run_dir: str) -> str | None:
+    """The checkpoint Ray Train will hand the workers: the latest one its run snapshot lists as committed."""
+    snapshot = os.path.join(run_dir, "checkpoint_manager_snapshot.json")
+    if is_uri(run_dir) or not os.path.isfile(snapshot):
+        return None
+    try:
+        with open(snapshot, encoding="utf-8") as handle:
+            name = json.load(handle)["latest_checkpoint_result"]["checkpoint_dir_name"]
+        with open(os.path.join(run_dir, name, "trainer_state.json"), encoding="utf-8") as handle:
+            step = json.load(handle)["global_step"]
+    except (OSError, KeyError, TypeError, ValueError):
+        return None  # an unreadable snapshot is Ray's to report; the run still starts
+    return f"{name} (step {step})"
 
 
 def _non_empty(folder: str) -> bool:

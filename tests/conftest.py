@@ -32,6 +32,11 @@ def tiny_model(tmp_path_factory) -> str:
     return build_tiny_model(str(tmp_path_factory.mktemp("tiny") / "tiny-llama"))
 
 
+def with_venv_path(env) -> dict[str, str]:
+    """Job entrypoints (`loom ...`) run in the cluster's environment: put this venv's bin first on its PATH."""
+    return {**env, "PATH": f"{VENV_BIN}:{env.get('PATH', '')}"}
+
+
 class RayCluster:
     def __init__(self, gcs_address: str, dashboard_url: str):
         self.gcs_address = gcs_address
@@ -39,7 +44,7 @@ class RayCluster:
 
     def env(self) -> dict[str, str]:
         """Environment for a subprocess (`loom train`, `ray job submit`) that must use this cluster."""
-        return {**os.environ, "RAY_ADDRESS": self.gcs_address, "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}"}
+        return with_venv_path({**os.environ, "RAY_ADDRESS": self.gcs_address})
 
 
 @pytest.fixture(scope="session")
@@ -52,7 +57,7 @@ def ray_cluster(tmp_path_factory) -> RayCluster:
     subprocess.run(
         [ray_bin, "start", "--head", f"--port={port}", f"--dashboard-port={dashboard_port}", "--num-cpus=4",
          "--include-dashboard=true", "--disable-usage-stats"],
-        check=True, capture_output=True, text=True, timeout=180,
+        check=True, capture_output=True, text=True, timeout=180, env=with_venv_path(os.environ),
     )  # fmt: skip
     gcs = f"127.0.0.1:{port}"
     try:

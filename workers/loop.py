@@ -109,7 +109,9 @@ class StageRunner:
                     f"{self.state.batches_in_epoch} micro-batches into it)"
                 )
         self.log = TrainerLog(os.path.join(plan["output_dir"], "trainer_log.jsonl")) if ctx.is_main else None
-        self.precision = self._precision()
+        if cfg.tf32 is not None and torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+            torch.backends.cudnn.allow_tf32 = cfg.tf32
         self.scaler = torch.amp.GradScaler("cuda") if cfg.fp16 else None
 
     @property
@@ -196,7 +198,7 @@ class StageRunner:
             time.sleep(STEP_DELAY_S)
         step, sched = self.state.global_step, self.schedule
         log_now = due(step, sched["logging_every"], self.total_steps) or (step == 1 and self.cfg.logging_first_step)
-        save_now = due(step, sched["save_every"], self.total_steps) or step == self.total_steps
+        save_now = due(step, sched["save_every"], self.total_steps)  # save_strategy "no": no checkpoints at all
         eval_now = due(step, sched["eval_every"], self.total_steps) or (step == self.total_steps and self.cfg.do_eval)
         if not (log_now or save_now or eval_now):
             return window

@@ -113,7 +113,9 @@ def build_datasets(cfg: Any, specs: list[DatasetSpec]) -> PreparedData:
             },
             batch_size=cfg.preprocessing_batch_size,
             batch_format="pyarrow",
-            concurrency=cfg.preprocessing_num_workers,
+            compute=ray.data.TaskPoolStrategy(size=cfg.preprocessing_num_workers)
+            if cfg.preprocessing_num_workers
+            else None,
         )
         parts.append(ds)
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]

@@ -1,0 +1,79 @@
+"""The `loom` command as users run it: killed and resumed, and submitted with `ray job submit`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import yaml
+
+from tests.conftest import VENV_BIN
+
+
+def write_yaml(folder, raw: dict) -> str:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "cfg.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+def steps_logged(output_dir: str) -> list[int]:
+    path = os.path.join(output_dir, "trainer_log.jsonl")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as handle:
+        return [json.loads(line)["step"] for line in handle if line.strip()]
+
+
+def checkpoints(run_dir: str) -> list[str]:
+    return sorted(n for n in os.listdir(run_dir) if n.startswith("checkpoint-")) if os.path.isdir(run_dir) else []
+
+
+def test_killed_run_resumes_from_its_checkpoint_and_ends_at_the_configured_step(ray_cluster, train_config, tmp_path):
+    raw = train_config(max_steps=12, save_steps=3, ray_run_name="killed")
+    config = write_yaml(tmp_path / "project", raw)
+    run_dir = os.path.join(raw["ray_storage_path"], "killed")
+    slow = {**ray_cluster.env(), "LOOM_STEP_DELAY_S": "1.5"}
+    with open(tmp_path / "first.log", "w") as first_log:
+        proc = subprocess.Popen([str(VENV_BIN / "loom"), "train", config], env=slow, stdout=first_log,
+                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        deadline = time.time() + 300
+        # Kill once step 4 is logged: checkpoint 3 is then committed (Ray lists it in its run snapshot).
+        while max(steps_logged(raw["output_dir"]), default=0) < 4 and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert checkpoints(run_dir), (tmp_path / "first.log").read_text()[-3000:]
+    before = steps_logged(raw["output_dir"])
+    assert before and max(before) < 12, before  # really interrupted mid-run
+    with open(os.path.join(raw["output_dir"], "loom_run.json")) as handle:
+        assert json.load(handle)["status"] == "running"
+
+    second = subprocess.run([str(VENV_BIN / "loom"), "train", config], env=ray_cluster.env(), capture_output=True,
+                            text=True, timeout=600)  # fmt: skip
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "resume from checkpoint-000003 (step 3)" in second.stdout
+    assert "resumed from step 3" in second.stdout + second.stderr
+    assert steps_logged(raw["output_dir"]) == list(range(1, 13))  # nothing lost, nothing counted twice
+    assert checkpoints(run_dir) == [f"checkpoint-{s:06d}" for s in (3, 6, 9, 12)]
+    with open(os.path.join(raw["output_dir"], "loom_run.json")) as handle:
+        assert json.load(handle)["status"] == "finished"
+
+
+def test_same_yaml_runs_under_ray_job_submit(ray_cluster, train_config, tmp_path):
+    raw = train_config(max_steps=4, save_steps=2, ray_run_name="job")
+    project = tmp_path / "project"
+    write_yaml(project, raw)
+    (project / "notes.txt").write_text("the working dir is uploaded to the cluster\n")
+    command = [str(VENV_BIN / "ray"), "job", "submit", "--address", ray_cluster.dashboard_url, "--working-dir",
+               str(project), "--entrypoint-num-cpus", "0", "--", "loom", "train", "cfg.yaml"]  # fmt: skip
+    env = {k: v for k, v in ray_cluster.env().items() if k != "RAY_ADDRESS"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "succeeded" in output and "checkpoint-000004" in output
+    assert steps_logged(raw["output_dir"]) == [1, 2, 3, 4]
+    assert checkpoints(os.path.join(raw["ray_storage_path"], "job")) == ["checkpoint-000002", "checkpoint-000004"]
