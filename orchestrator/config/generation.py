@@ -14,7 +14,9 @@ class GenerationArgs(BaseModel):
     top_k: int = param(50, "Sample only among the top_k most likely tokens.", ge=0)
     num_beams: int = param(1, "Beam width for beam search; 1 means no beam search.", ge=1)
     max_length: int = param(1024, "Maximum total length, prompt plus generated tokens.", ge=1)
-    max_new_tokens: int = param(1024, "Maximum number of generated tokens; overrides max_length.", ge=1)
+    max_new_tokens: int = param(
+        1024, "Maximum number of generated tokens (max_length still caps prompt plus answer).", ge=1
+    )
     repetition_penalty: float = param(1.0, "Penalty on repeated tokens; above 1.0 discourages repetition.", gt=0)
     length_penalty: float = param(1.0, "Beam search length penalty; positive favours longer outputs.")
     default_system: str | None = param(None, "System message used when a conversation has none.")

@@ -93,7 +93,7 @@ def test_sft_full_with_validation_split(ray_cluster, train_config):
     assert AutoModelForCausalLM.from_pretrained(outcome.output_dir) is not None
 
 
-def test_pretraining_packs_text_and_learns(ray_cluster, train_config):
+def test_pretraining_packs_text_and_learns(ray_cluster, train_config, tiny_model):
     raw = train_config(stage="pt", dataset="loom_demo_pt", template=None, finetuning_type="lora", cutoff_len=64,
                        max_samples=None, gradient_accumulation_steps=2)  # fmt: skip
     outcome = run(raw, ray_cluster)
@@ -101,6 +101,10 @@ def test_pretraining_packs_text_and_learns(ray_cluster, train_config):
     assert outcome.plan.schedule.total_steps == 8
     # packed blocks are exactly cutoff_len long: tokens per example == 64
     assert outcome.data_summary["train_tokens"] == 64 * outcome.data_summary["train_examples"]
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    assert PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), outcome.output_dir) is not None
 
 
 def test_unplaceable_bundles_fail_fast(ray_cluster, train_config):
@@ -108,6 +112,20 @@ def test_unplaceable_bundles_fail_fast(ray_cluster, train_config):
         run(train_config(resources_per_worker={"GPU": 1}), ray_cluster)
     with pytest.raises(PlanError, match="needs 10 CPU"):
         run(train_config(ray_num_workers=10), ray_cluster)
+
+
+def test_plan_command_checks_placement_on_the_cluster(ray_cluster, train_config, tmp_path, capsys):
+    import yaml
+
+    from orchestrator.cli import main
+
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(train_config(resources_per_worker={"GPU": 1})))
+    assert main(["plan", str(path), "--address", ray_cluster.gcs_address]) == 4
+    assert "needs 2 GPU, cluster has 0 GPU" in capsys.readouterr().out
+    path.write_text(yaml.safe_dump(train_config()))
+    assert main(["plan", str(path), "--address", ray_cluster.gcs_address]) == 0
+    assert "placement     ok on the cluster" in capsys.readouterr().out
 
 
 def test_missing_dataset_column_stops_before_workers(ray_cluster, train_config, tmp_path):

@@ -1,0 +1,109 @@
+"""Model options and run-directory rules that need torch or files but no Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from orchestrator.config import validate_config
+from orchestrator.errors import PlanError
+from orchestrator.plan import make_plan
+from orchestrator.preflight import prepare_run_dirs
+from tests.helpers import DEMO_DATA
+from workers.model import build_model
+from workers.optim import build_optimizer, build_scheduler
+
+
+def cfg_for(tiny_model, **extra):
+    raw = {"model_name_or_path": tiny_model, "dataset": "loom_demo_sft", "dataset_dir": str(DEMO_DATA),
+           "template": "default", "resources_per_worker": {"CPU": 1}}  # fmt: skip
+    return validate_config({**raw, **extra})
+
+
+def test_continue_training_from_an_adapter(tiny_model, tmp_path):
+    first = build_model(cfg_for(tiny_model, lora_rank=4))
+    with torch.no_grad():
+        for name, param in first.named_parameters():
+            if "lora_B" in name:
+                param.fill_(0.5)
+    first.save_pretrained(tmp_path / "adapter")
+    second = build_model(cfg_for(tiny_model, adapter_name_or_path=str(tmp_path / "adapter")))
+    b_weights = [p for n, p in second.named_parameters() if "lora_B" in n]
+    assert b_weights and all(p.requires_grad and torch.all(p == 0.5) for p in b_weights)
+
+
+def test_pissa_rslora_and_pure_bf16(tiny_model):
+    pissa = build_model(cfg_for(tiny_model, pissa_init=True, pissa_iter=2, use_rslora=True, lora_rank=4))
+    config = pissa.peft_config["default"]
+    assert config.init_lora_weights == "pissa_niter_2" and config.use_rslora
+    assert any(
+        float(p.detach().abs().sum()) > 0 for n, p in pissa.named_parameters() if "lora_B" in n
+    )  # PiSSA: B is not zero
+    bf16 = build_model(cfg_for(tiny_model, pure_bf16=True, finetuning_type="full"))
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+
+
+def test_gradient_checkpointing_follows_the_seed_default(tiny_model):
+    assert build_model(cfg_for(tiny_model)).base_model.model.is_activation_checkpointing
+    off = build_model(cfg_for(tiny_model, disable_gradient_checkpointing=True))
+    assert not off.base_model.model.is_activation_checkpointing
+
+
+@pytest.mark.parametrize(
+    "optim", ["adamw_torch", "adamw_torch_fused", "adamw_hf", "adafactor", "sgd", "adagrad", "rmsprop"]
+)
+def test_every_offered_optimizer_steps(tiny_model, optim):
+    cfg = cfg_for(tiny_model, optim=optim, weight_decay=0.1, lr_scheduler_type="cosine", warmup_steps=1)
+    model = build_model(cfg)
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_scheduler(cfg, optimizer, warmup_steps=1, total_steps=4)
+    decays = sorted(group["weight_decay"] for group in optimizer.param_groups)
+    assert decays == [0.0, 0.1]
+    loss = model(input_ids=torch.tensor([[5, 6, 7, 8]]), labels=torch.tensor([[5, 6, 7, 8]])).loss
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+    assert scheduler.get_last_lr()[0] == pytest.approx(cfg.learning_rate)  # warm-up done, cosine at its peak
+
+
+def marker(folder, status, run_name):
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "loom_run.json"), "w") as handle:
+        json.dump({"status": status, "run_name": run_name, "step": 8}, handle)
+
+
+def test_run_directory_rules(tiny_model, tmp_path):
+    cfg = cfg_for(
+        tiny_model, output_dir=str(tmp_path / "out"), ray_storage_path=str(tmp_path / "saves"), ray_run_name="r"
+    )
+    plan = make_plan(cfg)
+    assert prepare_run_dirs(cfg, plan) == "fresh"
+    marker(plan.output_dir, "running", "r")
+    assert prepare_run_dirs(cfg, plan).startswith("fresh (an earlier attempt")
+    marker(plan.output_dir, "finished", "r")
+    with pytest.raises(PlanError, match="already finished"):
+        prepare_run_dirs(cfg, plan)
+    os.makedirs(os.path.join(plan.run_dir, "checkpoint-000008"))
+    overwrite = cfg.model_copy(update={"overwrite_output_dir": True})
+    assert prepare_run_dirs(overwrite, plan).startswith("overwrite")
+    assert not os.path.exists(plan.run_dir) and not os.path.exists(plan.output_dir)
+
+
+def test_foreign_output_dir_is_not_touched(tiny_model, tmp_path):
+    cfg = cfg_for(
+        tiny_model, output_dir=str(tmp_path / "mine"), ray_storage_path=str(tmp_path / "saves"), ray_run_name="r"
+    )
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("precious")
+    with pytest.raises(PlanError, match="not written by a Loom run"):
+        prepare_run_dirs(cfg, make_plan(cfg))
+    marker(str(tmp_path / "mine"), "running", "someone-else")
+    with pytest.raises(PlanError, match="belongs to run 'someone-else'"):
+        prepare_run_dirs(cfg, make_plan(cfg))
+    overwrite = cfg.model_copy(update={"overwrite_output_dir": True})
+    (tmp_path / "mine" / "loom_run.json").unlink()
+    prepare_run_dirs(overwrite, make_plan(overwrite))
+    assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"  # only folders Loom wrote are deleted
