@@ -32,6 +32,12 @@ def checkpoints(run_dir: str) -> list[str]:
     return sorted(n for n in os.listdir(run_dir) if n.startswith("checkpoint-")) if os.path.isdir(run_dir) else []
 
 
+def committed(run_dir: str) -> bool:
+    from orchestrator.preflight import latest_committed_checkpoint
+
+    return latest_committed_checkpoint(run_dir) is not None
+
+
 def test_killed_run_resumes_from_its_checkpoint_and_ends_at_the_configured_step(ray_cluster, train_config, tmp_path):
     raw = train_config(max_steps=12, save_steps=3, ray_run_name="killed")
     config = write_yaml(tmp_path / "project", raw)
@@ -41,8 +47,10 @@ def test_killed_run_resumes_from_its_checkpoint_and_ends_at_the_configured_step(
         proc = subprocess.Popen([str(VENV_BIN / "loom"), "train", config], env=slow, stdout=first_log,
                                 stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
         deadline = time.time() + 300
-        # Kill once step 4 is logged: checkpoint 3 is then committed (Ray lists it in its run snapshot).
-        while max(steps_logged(raw["output_dir"]), default=0) < 4 and proc.poll() is None and time.time() < deadline:
+        # Kill once checkpoint 3 is committed (listed in Ray's run snapshot) and training has moved past it.
+        while not (committed(run_dir) and max(steps_logged(raw["output_dir"]), default=0) >= 4):
+            if proc.poll() is not None or time.time() > deadline:
+                break
             time.sleep(0.2)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -55,7 +63,8 @@ def test_killed_run_resumes_from_its_checkpoint_and_ends_at_the_configured_step(
     second = subprocess.run([str(VENV_BIN / "loom"), "train", config], env=ray_cluster.env(), capture_output=True,
                             text=True, timeout=600)  # fmt: skip
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert "resume from checkpoint-000003 (step 3)" in second.stdout
+    start = next((line for line in second.stdout.splitlines() if line.startswith("final")), second.stdout[-2000:])
+    assert "resume from checkpoint-000003 (step 3)" in start
     assert "resumed from step 3" in second.stdout + second.stderr
     assert steps_logged(raw["output_dir"]) == list(range(1, 13))  # nothing lost, nothing counted twice
     assert checkpoints(run_dir) == [f"checkpoint-{s:06d}" for s in (3, 6, 9, 12)]
@@ -77,3 +86,25 @@ def test_same_yaml_runs_under_ray_job_submit(ray_cluster, train_config, tmp_path
     assert "succeeded" in output and "checkpoint-000004" in output
     assert steps_logged(raw["output_dir"]) == [1, 2, 3, 4]
     assert checkpoints(os.path.join(raw["ray_storage_path"], "job")) == ["checkpoint-000002", "checkpoint-000004"]
+
+
+def test_killed_worker_is_restarted_from_the_latest_checkpoint(ray_cluster, train_config, tmp_path):
+    """ray_max_failures: a worker process killed mid-run restarts the worker group from the committed checkpoint."""
+    raw = train_config(max_steps=10, save_steps=2, ray_max_failures=1, ray_run_name="retry")
+    config = write_yaml(tmp_path / "project", raw)
+    run_dir = os.path.join(raw["ray_storage_path"], "retry")
+    slow = {**ray_cluster.env(), "LOOM_STEP_DELAY_S": "1.0"}
+    with open(tmp_path / "run.log", "w") as log:
+        proc = subprocess.Popen([str(VENV_BIN / "loom"), "train", config], env=slow, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        deadline = time.time() + 300
+        while not (committed(run_dir) and max(steps_logged(raw["output_dir"]), default=0) >= 3):
+            assert proc.poll() is None and time.time() < deadline, (tmp_path / "run.log").read_text()[-3000:]
+            time.sleep(0.2)
+        workers = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True).stdout.split()
+        assert workers, "no Ray Train worker process found"
+        os.kill(int(workers[-1]), signal.SIGKILL)
+        assert proc.wait(timeout=600) == 0, (tmp_path / "run.log").read_text()[-4000:]
+    output = (tmp_path / "run.log").read_text()
+    assert "resumed from step" in output
+    assert steps_logged(raw["output_dir"]) == list(range(1, 11))  # the steps redone after the restart appear once
