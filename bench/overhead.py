@@ -48,7 +48,9 @@ def run_loom(model: str, out: Path, steps: int) -> dict:
     path = out / "cfg.yaml"
     path.write_text(yaml.safe_dump(loom_config(model, out, steps)))
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "train", str(path)], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "train", str(path)], capture_output=True, text=True
+    )
     wall = time.perf_counter() - started
     if proc.returncode:
         raise SystemExit(proc.stdout[-3000:] + proc.stderr[-3000:])
@@ -83,7 +85,9 @@ def run_plain_trainer(model_dir: str, out: Path, steps: int) -> dict:
     rows = json.loads(Path(spec.files[0]).read_text())
     columns = supervised_batch(tokenizer, get_template("default"), [convert(r, spec, "sft") for r in rows],
                                ProcessorOptions(cutoff_len=256))["columns"]  # fmt: skip
-    dataset = [{"input_ids": i, "labels": l} for i, l in zip(columns["input_ids"], columns["labels"], strict=True)]
+    dataset = [
+        {"input_ids": ids, "labels": labs} for ids, labs in zip(columns["input_ids"], columns["labels"], strict=True)
+    ]
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets, task_type="CAUSAL_LM"))

@@ -59,6 +59,6 @@ def generate(cfg: Any, model_dir: str, prompt: str, seed: int | None = None) -> 
         output = model.generate(
             torch.tensor([ids]),
             attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-            **generation_kwargs(cfg, tokenizer),
+            **generation_kwargs(cfg, tokenizer, len(ids)),
         )
     return tokenizer.decode(output[0, len(ids) :], skip_special_tokens=cfg.skip_special_tokens)

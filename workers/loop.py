@@ -86,6 +86,7 @@ class StageRunner:
     """Holds the model, optimizer and state of one worker and advances them step by step."""
 
     def __init__(self, cfg: Any, plan: dict[str, Any], ctx: DistContext, io: RunIO):
+        started = time.perf_counter()
         self.cfg, self.plan, self.ctx, self.io = cfg, plan, ctx, io
         self.schedule = plan["schedule"]
         self.stage = get_stage(cfg.stage)
@@ -113,6 +114,7 @@ class StageRunner:
             torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
             torch.backends.cudnn.allow_tf32 = cfg.tf32
         self.scaler = torch.amp.GradScaler("cuda") if cfg.fp16 else None
+        ctx.print0(f"worker setup (tokenizer, model, optimizer) took {time.perf_counter() - started:.1f} s")
 
     @property
     def total_steps(self) -> int:
@@ -172,6 +174,7 @@ class StageRunner:
             self.log.truncate_after(self.state.global_step)
             self._write_marker("running")
         self.model.train()
+        started, first_step = time.perf_counter(), self.state.global_step
         window = Window()
         while self.state.global_step < self.total_steps:
             batches = skip(self.io.batches("train", self.state.epoch), self.state.batches_in_epoch)
@@ -190,6 +193,9 @@ class StageRunner:
             else:
                 self.state.epoch += 1
                 self.state.batches_in_epoch = 0
+        self.ctx.print0(
+            f"trained steps {first_step + 1}-{self.state.global_step} in {time.perf_counter() - started:.1f} s"
+        )
         self.finish()
         return self.state
 
@@ -219,8 +225,10 @@ class StageRunner:
             metrics["eval_loss"] = round(self.evaluate(), 6)
         if self.log and (log_now or eval_now):
             self.log.append(metrics)
-        checkpoint_dir = self._save_checkpoint() if save_now else None
-        self.io.report(metrics, checkpoint_dir)
+        if save_now or step == self.total_steps:
+            # ray.train.report is a barrier that costs seconds per call (measured by bench/overhead.py), so it is
+            # called at checkpoints and at the end only; every logged step is in trainer_log.jsonl.
+            self.io.report(metrics, self._save_checkpoint() if save_now else None)
         return Window()
 
     def _save_checkpoint(self) -> str | None:

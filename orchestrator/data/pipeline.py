@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -9,6 +10,7 @@ import os
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import ray
 from ray.data.expressions import col
@@ -22,8 +24,22 @@ from .tokenizer import TokenizerSpec, load_tokenizer
 logger = logging.getLogger("loom.data")
 
 TOKENIZED_SCHEMA = pa.schema(
-    [("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())), ("length", pa.int32())]
+    [
+        ("input_ids", pa.list_(pa.int32())),
+        ("labels", pa.list_(pa.int32())),
+        ("length", pa.int32()),
+        ("order", pa.int64()),
+    ]
 )
+
+
+def shuffle_key(seed: int, input_ids: list[int], labels: list[int]) -> int:
+    """A seeded hash of an example's content. Sorting by it is a shuffle that does not depend on how Ray scheduled
+    the blocks, so a resumed run rebuilds exactly the same train/validation split and order."""
+    digest = hashlib.blake2b(digest_size=8, key=seed.to_bytes(8, "little", signed=True))
+    digest.update(np.asarray(input_ids, dtype=np.int32).tobytes())
+    digest.update(np.asarray(labels, dtype=np.int32).tobytes())
+    return int.from_bytes(digest.digest(), "little", signed=True)
 
 
 @dataclass
@@ -68,7 +84,14 @@ def read_dataset(spec: DatasetSpec) -> ray.data.Dataset:
 
 
 def tokenize_batch(
-    batch: pa.Table, *, spec: DatasetSpec, stage: str, tokenizer_spec: dict, opts: dict, default_system: str | None
+    batch: pa.Table,
+    *,
+    spec: DatasetSpec,
+    stage: str,
+    tokenizer_spec: dict,
+    opts: dict,
+    default_system: str | None,
+    seed: int,
 ) -> pa.Table:
     """One Ray Data batch: raw rows -> canonical examples -> token ids. Runs in a Ray task."""
     tokenizer = load_tokenizer(TokenizerSpec(**tokenizer_spec))
@@ -85,6 +108,9 @@ def tokenize_batch(
         logger.warning("dataset %s: dropped %s", spec.name, result["dropped"])
     columns = result["columns"]
     columns["length"] = [len(ids) for ids in columns["input_ids"]]
+    columns["order"] = [
+        shuffle_key(seed, ids, labs) for ids, labs in zip(columns["input_ids"], columns["labels"], strict=True)
+    ]
     return pa.table(columns, schema=TOKENIZED_SCHEMA)
 
 
@@ -97,6 +123,7 @@ def build_datasets(cfg: Any, specs: list[DatasetSpec]) -> PreparedData:
         packing=cfg.uses_packing(),
     )
     tokenizer_spec = TokenizerSpec.from_config(cfg).to_dict()
+    ray.data.DataContext.get_current().execution_options.preserve_order = True  # file order when not shuffling
     parts = []
     for spec in specs:
         ds = read_dataset(spec)
@@ -110,6 +137,7 @@ def build_datasets(cfg: Any, specs: list[DatasetSpec]) -> PreparedData:
                 "tokenizer_spec": tokenizer_spec,
                 "opts": asdict(opts),
                 "default_system": cfg.default_system,
+                "seed": cfg.shuffle_seed(),
             },
             batch_size=cfg.preprocessing_batch_size,
             batch_format="pyarrow",
@@ -121,7 +149,7 @@ def build_datasets(cfg: Any, specs: list[DatasetSpec]) -> PreparedData:
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     ds = ds.filter(expr=col("length") > 0)
     if not cfg.disable_shuffling:
-        ds = ds.random_shuffle(seed=cfg.shuffle_seed())
+        ds = ds.sort("order")
     ds = ds.materialize()
     train, evaluation = ds, None
     if cfg.val_size > 0:

@@ -107,3 +107,16 @@ def test_foreign_output_dir_is_not_touched(tiny_model, tmp_path):
     (tmp_path / "mine" / "loom_run.json").unlink()
     prepare_run_dirs(overwrite, make_plan(overwrite))
     assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"  # only folders Loom wrote are deleted
+
+
+def test_generate_uses_template_and_generation_keys(tiny_model):
+    from orchestrator.generate import generate
+
+    cfg = cfg_for(tiny_model, do_sample=False, max_new_tokens=6, max_length=4096)
+    text = generate(cfg, tiny_model, "Add 12 and 35.")
+    assert isinstance(text, str) and text == generate(cfg, tiny_model, "Add 12 and 35.")  # greedy: deterministic
+    capped = cfg.model_copy(update={"max_length": 12})  # prompt "Human: ...\nAssistant:" alone is longer than 11
+    short = generate(capped, tiny_model, "Add 12 and 35.")
+    from transformers import AutoTokenizer
+
+    assert len(AutoTokenizer.from_pretrained(tiny_model).encode(short, add_special_tokens=False)) <= 1
