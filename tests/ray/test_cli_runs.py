@@ -38,23 +38,29 @@ def committed(run_dir: str) -> bool:
     return latest_committed_checkpoint(run_dir) is not None
 
 
+def start_slow_run(config: str, env: dict, log_path, delay_s: float) -> subprocess.Popen:
+    """`loom train` in its own process group, each step slowed so the test can interrupt it mid-run."""
+    with open(log_path, "w") as log:
+        return subprocess.Popen([str(VENV_BIN / "loom"), "train", config], env={**env, "LOOM_STEP_DELAY_S": str(delay_s)},
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+
+
+def wait_past_a_committed_checkpoint(proc, run_dir: str, output_dir: str, step: int, log_path) -> None:
+    """Until a checkpoint is committed (listed in Ray's run snapshot) and training has logged `step`."""
+    deadline = time.time() + 300
+    while not (committed(run_dir) and max(steps_logged(output_dir), default=0) >= step):
+        assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
+        time.sleep(0.2)
+
+
 def test_killed_run_resumes_from_its_checkpoint_and_ends_at_the_configured_step(ray_cluster, train_config, tmp_path):
     raw = train_config(max_steps=12, save_steps=3, ray_run_name="killed")
     config = write_yaml(tmp_path / "project", raw)
     run_dir = os.path.join(raw["ray_storage_path"], "killed")
-    slow = {**ray_cluster.env(), "LOOM_STEP_DELAY_S": "1.5"}
-    with open(tmp_path / "first.log", "w") as first_log:
-        proc = subprocess.Popen([str(VENV_BIN / "loom"), "train", config], env=slow, stdout=first_log,
-                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-        deadline = time.time() + 300
-        # Kill once checkpoint 3 is committed (listed in Ray's run snapshot) and training has moved past it.
-        while not (committed(run_dir) and max(steps_logged(raw["output_dir"]), default=0) >= 4):
-            if proc.poll() is not None or time.time() > deadline:
-                break
-            time.sleep(0.2)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert checkpoints(run_dir), (tmp_path / "first.log").read_text()[-3000:]
+    proc = start_slow_run(config, ray_cluster.env(), tmp_path / "first.log", delay_s=1.5)
+    wait_past_a_committed_checkpoint(proc, run_dir, raw["output_dir"], 4, tmp_path / "first.log")
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
+    proc.wait()
     before = steps_logged(raw["output_dir"])
     assert before and max(before) < 12, before  # really interrupted mid-run
     with open(os.path.join(raw["output_dir"], "loom_run.json")) as handle:
@@ -93,18 +99,12 @@ def test_killed_worker_is_restarted_from_the_latest_checkpoint(ray_cluster, trai
     raw = train_config(max_steps=10, save_steps=2, ray_max_failures=1, ray_run_name="retry")
     config = write_yaml(tmp_path / "project", raw)
     run_dir = os.path.join(raw["ray_storage_path"], "retry")
-    slow = {**ray_cluster.env(), "LOOM_STEP_DELAY_S": "1.0"}
-    with open(tmp_path / "run.log", "w") as log:
-        proc = subprocess.Popen([str(VENV_BIN / "loom"), "train", config], env=slow, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-        deadline = time.time() + 300
-        while not (committed(run_dir) and max(steps_logged(raw["output_dir"]), default=0) >= 3):
-            assert proc.poll() is None and time.time() < deadline, (tmp_path / "run.log").read_text()[-3000:]
-            time.sleep(0.2)
-        workers = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True).stdout.split()
-        assert workers, "no Ray Train worker process found"
-        os.kill(int(workers[-1]), signal.SIGKILL)
-        assert proc.wait(timeout=600) == 0, (tmp_path / "run.log").read_text()[-4000:]
+    proc = start_slow_run(config, ray_cluster.env(), tmp_path / "run.log", delay_s=1.0)
+    wait_past_a_committed_checkpoint(proc, run_dir, raw["output_dir"], 3, tmp_path / "run.log")
+    workers = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True).stdout.split()
+    assert workers, "no Ray Train worker process found"
+    os.kill(int(workers[-1]), signal.SIGKILL)
+    assert proc.wait(timeout=600) == 0, (tmp_path / "run.log").read_text()[-4000:]
     output = (tmp_path / "run.log").read_text()
     assert "resumed from step" in output
     assert steps_logged(raw["output_dir"]) == list(range(1, 11))  # the steps redone after the restart appear once
