@@ -10,7 +10,9 @@ _DATA_LAYER = "arrives with the full data layer (issue 3)"
 
 
 class DataArgs(BaseModel):
-    template: str | None = param(None, "Prompt template used for training and generation (e.g. default, empty).")
+    template: str | None = param(
+        None, "Prompt template for training and generation (default, empty, ...); unset: empty."
+    )
     dataset: str | None = param(None, "Comma-separated dataset names (from dataset_info.json) or file names.")
     eval_dataset: str | None = not_yet(None, "Comma-separated evaluation dataset names.", _DATA_LAYER)
     eval_on_each_dataset: bool | None = not_yet(False, "Report evaluation loss per evaluation dataset.", _DATA_LAYER)

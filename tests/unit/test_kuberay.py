@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import shlex
 
 import pytest
@@ -19,6 +20,12 @@ CRDS = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml"
 def load(path):
     with open(path) as handle:
         return yaml.safe_load(handle)
+
+
+@functools.cache
+def crd_schema(kind: str, version: str) -> dict:
+    crd = load(KUBERAY / CRDS[kind])
+    return next(v for v in crd["spec"]["versions"] if v["name"] == version)["schema"]["openAPIV3Schema"]
 
 
 def cluster_spec(doc: dict) -> dict:
@@ -72,9 +79,8 @@ def test_manifest_validates_against_the_kuberay_crd(manifest):
     from jsonschema import Draft7Validator
 
     doc = load(manifest)
-    crd = load(KUBERAY / CRDS[doc["kind"]])
-    version = next(v for v in crd["spec"]["versions"] if v["name"] == doc["apiVersion"].split("/")[1])
-    errors = sorted(Draft7Validator(version["schema"]["openAPIV3Schema"]).iter_errors(doc), key=str)
+    schema = crd_schema(doc["kind"], doc["apiVersion"].split("/")[1])
+    errors = sorted(Draft7Validator(schema).iter_errors(doc), key=str)
     assert not errors, [f"{'.'.join(map(str, e.path))}: {e.message}" for e in errors]
 
 
