@@ -13,7 +13,7 @@ from .errors import LoomError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART_CONFIG = REPO_ROOT / "configs" / "quickstart.yaml"
-QUICKSTART_PROMPT = "Add 12 and 35."
+QUICKSTART_PROMPT = "Convert 3 hours to minutes."
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
