@@ -104,6 +104,8 @@ def test_error_message_names_source_and_counts(model_dir):
         ),
         ({"compute_dtype": "bfloat16"}, "compute_dtype", "refused"),
         ({"dataloader_num_workers": 4}, "dataloader_num_workers", "refused"),
+        ({"ray_storage_path": "s3://bucket/runs"}, "output_dir", "required when ray_storage_path is a URI"),
+        ({"output_dir": "s3://bucket/model"}, "output_dir", "local or shared path"),
     ],
 )
 def test_contradictions_and_unsupported_values(model_dir, extra, key, phrase):

@@ -75,9 +75,8 @@ def test_paths_and_derived_run_name_are_stable(cfg_of):
     assert derive_run_name(cfg_of(ray_storage_path="./saves", lora_rank=8, logging_steps=3)) != plan.run_name
     assert derive_run_name(cfg_of(ray_storage_path="./saves", lora_rank=4, logging_steps=3)) == plan.run_name
     assert make_plan(cfg_of(ray_run_name="mine"), base_dir="/b").run_name == "mine"
-    assert make_plan(cfg_of(ray_storage_path="s3://bucket/runs/"), base_dir="/b").run_dir.startswith(
-        "s3://bucket/runs/"
-    )
+    uri = make_plan(cfg_of(ray_storage_path="s3://bucket/runs/", output_dir="/nfs/model"), base_dir="/b")
+    assert uri.run_dir.startswith("s3://bucket/runs/") and uri.output_dir == "/nfs/model"
 
 
 def test_schedule_arithmetic(cfg_of):
