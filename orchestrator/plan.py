@@ -9,6 +9,8 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
+RUN_MARKER = "loom_run.json"  # written by rank 0 into output_dir: status running/finished, read by the driver
+
 # Keys that do not change what is trained: they never change the derived run name.
 _NAME_NEUTRAL = {
     "ray_run_name",

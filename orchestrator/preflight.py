@@ -12,9 +12,7 @@ from typing import Any
 
 from .data.registry import DatasetSpec, resolve_datasets
 from .errors import ConfigError, PlanError, Problem
-from .plan import RunPlan, is_uri
-
-RUN_MARKER = "loom_run.json"
+from .plan import RUN_MARKER, RunPlan, is_uri
 
 
 def data_problems(cfg: Any) -> tuple[list[DatasetSpec], list[Problem]]:

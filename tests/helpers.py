@@ -10,6 +10,15 @@ SHARED = REPO.parent / "shared"
 LLAMAFACTORY_DATA = SHARED / "data" / "llamafactory"
 
 
+def tiny_config(tiny_model: str, **extra):
+    """A validated config over the tiny model and Loom's demo SFT data, with CPU workers."""
+    from orchestrator.config import validate_config
+
+    raw = {"model_name_or_path": tiny_model, "dataset": "loom_demo_sft", "dataset_dir": str(DEMO_DATA),
+           "template": "default", "resources_per_worker": {"CPU": 1}}  # fmt: skip
+    return validate_config({**raw, **extra})
+
+
 class CharTokenizer:
     """One id per character (its code point + 1000); a few named special tokens below 1000."""
 

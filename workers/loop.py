@@ -18,6 +18,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from orchestrator.plan import RUN_MARKER
+
 from .checkpoint import TrainState, restore_checkpoint, rng_state, save_checkpoint, verify_checkpoint
 from .context import DistContext
 from .model import build_model, load_tokenizer_for, parameter_report, parameter_status
@@ -25,7 +27,6 @@ from .optim import build_optimizer, build_scheduler
 from .stages import get_stage
 from .trainlog import TrainerLog
 
-RUN_MARKER = "loom_run.json"
 # Debug knob: seconds to sleep after each optimizer step, so failure tests can interrupt a run mid-way.
 STEP_DELAY_S = float(os.environ.get("LOOM_STEP_DELAY_S", "0"))
 

@@ -8,47 +8,40 @@ import os
 import pytest
 import torch
 
-from orchestrator.config import validate_config
 from orchestrator.errors import PlanError
 from orchestrator.plan import make_plan
 from orchestrator.preflight import prepare_run_dirs
-from tests.helpers import DEMO_DATA
+from tests.helpers import tiny_config
 from workers.model import build_model
 from workers.optim import build_optimizer, build_scheduler
 
 
-def cfg_for(tiny_model, **extra):
-    raw = {"model_name_or_path": tiny_model, "dataset": "loom_demo_sft", "dataset_dir": str(DEMO_DATA),
-           "template": "default", "resources_per_worker": {"CPU": 1}}  # fmt: skip
-    return validate_config({**raw, **extra})
-
-
 def test_continue_training_from_an_adapter(tiny_model, tmp_path):
-    first = build_model(cfg_for(tiny_model, lora_rank=4))
+    first = build_model(tiny_config(tiny_model, lora_rank=4))
     with torch.no_grad():
         for name, param in first.named_parameters():
             if "lora_B" in name:
                 param.fill_(0.5)
     first.save_pretrained(tmp_path / "adapter")
-    second = build_model(cfg_for(tiny_model, adapter_name_or_path=str(tmp_path / "adapter")))
+    second = build_model(tiny_config(tiny_model, adapter_name_or_path=str(tmp_path / "adapter")))
     b_weights = [p for n, p in second.named_parameters() if "lora_B" in n]
     assert b_weights and all(p.requires_grad and torch.all(p == 0.5) for p in b_weights)
 
 
 def test_pissa_rslora_and_pure_bf16(tiny_model):
-    pissa = build_model(cfg_for(tiny_model, pissa_init=True, pissa_iter=2, use_rslora=True, lora_rank=4))
+    pissa = build_model(tiny_config(tiny_model, pissa_init=True, pissa_iter=2, use_rslora=True, lora_rank=4))
     config = pissa.peft_config["default"]
     assert config.init_lora_weights == "pissa_niter_2" and config.use_rslora
     assert any(
         float(p.detach().abs().sum()) > 0 for n, p in pissa.named_parameters() if "lora_B" in n
     )  # PiSSA: B is not zero
-    bf16 = build_model(cfg_for(tiny_model, pure_bf16=True, finetuning_type="full"))
+    bf16 = build_model(tiny_config(tiny_model, pure_bf16=True, finetuning_type="full"))
     assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
 
 
 def test_gradient_checkpointing_follows_the_seed_default(tiny_model):
-    assert build_model(cfg_for(tiny_model)).base_model.model.is_activation_checkpointing
-    off = build_model(cfg_for(tiny_model, disable_gradient_checkpointing=True))
+    assert build_model(tiny_config(tiny_model)).base_model.model.is_activation_checkpointing
+    off = build_model(tiny_config(tiny_model, disable_gradient_checkpointing=True))
     assert not off.base_model.model.is_activation_checkpointing
 
 
@@ -56,7 +49,7 @@ def test_gradient_checkpointing_follows_the_seed_default(tiny_model):
     "optim", ["adamw_torch", "adamw_torch_fused", "adamw_hf", "adafactor", "sgd", "adagrad", "rmsprop"]
 )
 def test_every_offered_optimizer_steps(tiny_model, optim):
-    cfg = cfg_for(tiny_model, optim=optim, weight_decay=0.1, lr_scheduler_type="cosine", warmup_steps=1)
+    cfg = tiny_config(tiny_model, optim=optim, weight_decay=0.1, lr_scheduler_type="cosine", warmup_steps=1)
     model = build_model(cfg)
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer, warmup_steps=1, total_steps=4)
@@ -76,7 +69,7 @@ def marker(folder, status, run_name):
 
 
 def test_run_directory_rules(tiny_model, tmp_path):
-    cfg = cfg_for(
+    cfg = tiny_config(
         tiny_model, output_dir=str(tmp_path / "out"), ray_storage_path=str(tmp_path / "saves"), ray_run_name="r"
     )
     plan = make_plan(cfg)
@@ -93,7 +86,7 @@ def test_run_directory_rules(tiny_model, tmp_path):
 
 
 def test_foreign_output_dir_is_not_touched(tiny_model, tmp_path):
-    cfg = cfg_for(
+    cfg = tiny_config(
         tiny_model, output_dir=str(tmp_path / "mine"), ray_storage_path=str(tmp_path / "saves"), ray_run_name="r"
     )
     (tmp_path / "mine").mkdir()
@@ -112,7 +105,7 @@ def test_foreign_output_dir_is_not_touched(tiny_model, tmp_path):
 def test_generate_uses_template_and_generation_keys(tiny_model):
     from orchestrator.generate import generate
 
-    cfg = cfg_for(tiny_model, do_sample=False, max_new_tokens=6, max_length=4096)
+    cfg = tiny_config(tiny_model, do_sample=False, max_new_tokens=6, max_length=4096)
     text = generate(cfg, tiny_model, "Add 12 and 35.")
     assert isinstance(text, str) and text == generate(cfg, tiny_model, "Add 12 and 35.")  # greedy: deterministic
     capped = cfg.model_copy(update={"max_length": 12})  # prompt "Human: ...\nAssistant:" alone is longer than 11
