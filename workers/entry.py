@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import shutil
 from collections.abc import Iterator
@@ -74,8 +73,6 @@ def build_context() -> DistContext:
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # Ray Train logs every report and checkpoint at INFO in each worker; Loom prints its own summary instead.
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
     cfg = LoomConfig.model_validate(loop_config["config"])
     ctx = build_context()
     StageRunner(cfg, loop_config["plan"], ctx, RayRunIO(cfg, ctx)).run()

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import Problem
+from ..plan import is_uri
 from .fields import Support
 from .schema import LoomConfig
 from .values import as_dict, split_csv
@@ -149,11 +150,11 @@ def _paths(cfg: LoomConfig) -> list[Problem]:
                 f"continuing from adapters needs finetuning_type lora, not {cfg.finetuning_type!r}",
             )
         )
-    if cfg.output_dir and "://" in cfg.output_dir:
+    if cfg.output_dir and is_uri(cfg.output_dir):
         p.append(
             Problem("output_dir", f"given {cfg.output_dir!r}; rank 0 writes it as files: use a local or shared path")
         )
-    if "://" in cfg.ray_storage_path and not cfg.output_dir:
+    if is_uri(cfg.ray_storage_path) and not cfg.output_dir:
         p.append(Problem("output_dir", f"is required when ray_storage_path is a URI ({cfg.ray_storage_path!r}): "
                                        "the final model is written as files on rank 0's node"))  # fmt: skip
     if cfg.do_train and not cfg.dataset_names():

@@ -49,9 +49,8 @@ class PreparedData:
     summary: dict
 
 
-BYTES_PER_BLOCK = (
-    16 * 1024 * 1024
-)  # tokenization work per Ray task: big enough to amortise a task, small enough to spread
+# Tokenization work per Ray task: big enough to amortise a task, small enough to spread over the cluster.
+BYTES_PER_BLOCK = 16 * 1024 * 1024
 
 
 def _blocks_for(files: list[str]) -> int:

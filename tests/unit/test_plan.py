@@ -26,13 +26,11 @@ def cfg_of(tmp_path):
 
 
 def test_plan_module_imports_no_ray_or_torch():
-    import importlib
     import subprocess
 
     code = "import orchestrator.plan, sys; print(any(m.split('.')[0] in ('ray', 'torch') for m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "False"
-    assert importlib.import_module("orchestrator.plan")
 
 
 @pytest.mark.parametrize(
