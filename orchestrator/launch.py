@@ -85,7 +85,7 @@ def check_placement(plan: RunPlan) -> None:
 
 def check_columns(cfg: Any, specs: list) -> None:
     from .data.formats import required_columns
-    from .data.pipeline import read_dataset
+    from .data.readers import read_dataset
 
     problems = []
     for spec in specs:
