@@ -41,7 +41,15 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(gen)
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--model-dir", help="default: the plan's output_dir")
+    data = commands.add_parser("data", help="prepare (and cache) the datasets without training; print a summary")
+    _config_args(data)
+    data.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
     commands.add_parser("features", help="print docs/FEATURES.md (every parameter and its status)")
+    tune = commands.add_parser("tune", help="run a sweep: trials of a base config over a search space (Ray Tune)")
+    tune.add_argument("sweep", help="sweep YAML: base config, search_space, metric, mode, search_alg, scheduler")
+    tune.add_argument("overrides", nargs="*", help="key=value overrides of the base config")
+    tune.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
+    tune.add_argument("--check", action="store_true", help="validate the sweep and its files, run nothing")
     return parser
 
 
@@ -111,6 +119,34 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from .config.loader import parse_overrides
+    from .errors import ConfigError
+    from .sweep import load_sweep
+    from .tune import BEST_CONFIG, driver_checks, run_sweep
+
+    started = time.perf_counter()
+    extra, problems = parse_overrides(args.overrides)
+    if problems:
+        raise ConfigError(problems, source="command line")
+    sweep = load_sweep(args.sweep, extra)
+    print(sweep.describe())
+    if args.check:
+        driver_checks(sweep, os.getcwd())
+        print("check         ok: every searched value gives a valid config")
+        return 0
+    outcome = run_sweep(sweep, address=args.address)
+    best = outcome.best
+    print(f"start         {outcome.start}")
+    print(outcome.table())
+    print(f"best          {best.trial_id}  {sweep.metric} {best.metric:.6g}  {json.dumps(best.params)}")
+    print(f"checkpoint    {best.checkpoint or '-'}")
+    print(f"model         {best.output_dir or '-'}")
+    print(f"best config   {os.path.join(sweep.experiment_dir, BEST_CONFIG)}")
+    print(f"tune done in {time.perf_counter() - started:.1f} s")
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from .config import load_config
     from .generate import generate
@@ -135,6 +171,21 @@ def cmd_features(_: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .data.preview import describe_example
+    from .data.tokenizer import TokenizerSpec, load_tokenizer
+    from .launch import prepare_only
+
+    cfg = load_config(args.config, args.overrides, training=False)
+    outcome = prepare_only(cfg, source=args.config, address=args.address)
+    print(json.dumps(outcome.summary, indent=2))
+    if outcome.example is not None:
+        print(describe_example(load_tokenizer(TokenizerSpec.from_config(cfg)), outcome.example))
+    print(f"took {json.dumps(outcome.timings)}")
+    return 0
+
+
 COMMANDS = {
     "train": cmd_train,
     "plan": cmd_plan,
@@ -142,6 +193,8 @@ COMMANDS = {
     "generate": cmd_generate,
     "tiny-model": cmd_tiny_model,
     "features": cmd_features,
+    "data": cmd_data,
+    "tune": cmd_tune,
 }
 
 

@@ -23,7 +23,10 @@ def load_trained(cfg: Any, model_dir: str) -> tuple[Any, Any]:
     if os.path.isfile(os.path.join(model_dir, "adapter_config.json")):
         from peft import PeftModel
 
+        from workers.model import fit_embeddings
+
         base = AutoModelForCausalLM.from_pretrained(cfg.model_name_or_path, dtype=dtype)
+        fit_embeddings(base, tokenizer)  # an adapter trained with new tokens saved the grown embeddings
         model = PeftModel.from_pretrained(base, model_dir)
     else:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
 
+from .data.cache import cached_manifest
 from .errors import DataError, PlanError, TrainingError
-from .plan import RunPlan, make_plan, placement_problems, with_absolute_paths
-from .preflight import preflight, prepare_run_dirs
+from .plan import RunPlan, make_plan, placement_problems, storage_problems, with_absolute_paths
+from .preflight import preflight_data, prepare_run_dirs
+from .storage import ray_storage_path, storage_filesystem
 
 
 @dataclass
@@ -65,7 +68,7 @@ def _quiet_ray_data() -> None:
     import ray.data
 
     context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
+    context.enable_progress_bars = sys.stderr.isatty()  # a live bar for people, none in logs and CI
     context.print_on_execution_start = False
     for name in ("ray.data", "ray.train", "ray.tune"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -78,51 +81,90 @@ def cluster_nodes() -> list[dict[str, float]]:
 
 
 def check_placement(plan: RunPlan) -> None:
-    problems = placement_problems(plan, cluster_nodes())
+    """The bundles fit the cluster, and a local storage path is not split over several nodes' disks."""
+    import ray
+
+    alive = [node for node in ray.nodes() if node.get("Alive")]
+    nodes = [dict(node["Resources"]) for node in alive]
+    problems = placement_problems(plan, nodes)
     if problems:
         raise PlanError("the worker bundles cannot be placed on this cluster:\n  - " + "\n  - ".join(problems))
+    here = ray.get_runtime_context().get_node_id()
+    driver = next((dict(node["Resources"]) for node in alive if node["NodeID"] == here), None)
+    problems = storage_problems(plan, nodes, driver)
+    if problems:
+        raise PlanError("\n".join(problems))
 
 
 def check_columns(cfg: Any, specs: list) -> None:
+    """Every dataset readable, with the columns its format needs; read in Ray tasks, reported before training."""
     from .data.formats import required_columns
-    from .data.readers import read_dataset
+    from .data.readers import DatasetReadError, column_names
 
     problems = []
     for spec in specs:
-        needed = required_columns(spec, cfg.stage)
-        if not needed:
+        try:
+            names = column_names(spec)
+        except DatasetReadError as error:
+            problems.append(f"dataset {spec.name!r} ({spec.source}) cannot be read: {error}")
             continue
-        names = read_dataset(spec).schema().names
-        missing = [c for c in needed if c not in names]
+        missing = [c for c in required_columns(spec, cfg.stage) if c not in names]
         if missing:
-            problems.append(f"dataset {spec.name!r} ({spec.files[0]}): columns {missing} are missing; it has {names}")
+            has = f"it has {names}" if names else "it has no rows"
+            problems.append(f"dataset {spec.name!r} ({spec.source}): columns {missing} are missing; {has}")
     if problems:
         raise DataError("\n".join(problems))
 
 
-def train(cfg: Any, source: str = "config", address: str | None = None, base_dir: str | None = None) -> TrainOutcome:
+def train(
+    cfg: Any,
+    source: str = "config",
+    address: str | None = None,
+    base_dir: str | None = None,
+    callbacks: list | None = None,
+) -> TrainOutcome:
+    """The whole `loom train` path; `callbacks` (Ray Train UserCallbacks) reach the TorchTrainer, e.g. for Tune."""
     clock = Stopwatch()
     cfg = with_absolute_paths(cfg, base_dir)
-    specs = preflight(cfg, source)
+    specs = preflight_data(cfg, source)
+    cached_manifest(cfg, specs.train, specs.eval)  # a stale tokenized cache stops the run here, before Ray starts
     plan = make_plan(cfg, base_dir)
     start = prepare_run_dirs(cfg, plan)
     clock.lap("checks")
     connect(address)
     clock.lap("ray start")
     check_placement(plan)
-    check_columns(cfg, specs)
+    check_columns(cfg, specs.train + specs.eval)
 
-    from .data.pipeline import build_datasets
+    from .data.pipeline import prepare_data
 
-    data = build_datasets(cfg, specs)
+    data = prepare_data(cfg, specs.train, specs.eval)
     clock.lap("data")
+    return _fit_prepared(cfg, base_dir, data, start, clock, callbacks)
+
+
+def train_prepared(cfg: Any, data: Any, base_dir: str | None = None, callbacks: list | None = None) -> TrainOutcome:
+    """The end of `loom train` on datasets prepared (and checked) elsewhere: a sweep whose trials all train on the
+    same data prepares it once. Connects to nothing: Ray is already up."""
+    clock = Stopwatch()
+    cfg = with_absolute_paths(cfg, base_dir)
+    plan = make_plan(cfg, base_dir)
+    start = prepare_run_dirs(cfg, plan)
+    check_placement(plan)
+    clock.lap("checks")
+    return _fit_prepared(cfg, base_dir, data, start, clock, callbacks)
+
+
+def _fit_prepared(
+    cfg: Any, base_dir: str | None, data: Any, start: str, clock: Stopwatch, callbacks: list | None
+) -> TrainOutcome:
     train_rows = data.summary["train_examples"]
-    if train_rows < cfg.ray_num_workers:
+    if train_rows is not None and train_rows < cfg.ray_num_workers:
         raise DataError(
             f"the training set has {train_rows} examples after preprocessing, fewer than {cfg.ray_num_workers} workers"
         )
-    plan = make_plan(cfg, base_dir, train_rows=train_rows)
-    result = fit(cfg, plan, data)
+    plan = make_plan(cfg, base_dir, train_rows=train_rows, streaming=cfg.streaming)
+    result = fit(cfg, plan, data, callbacks)
     clock.lap("fit")
     return TrainOutcome(
         plan=plan,
@@ -135,19 +177,48 @@ def train(cfg: Any, source: str = "config", address: str | None = None, base_dir
     )
 
 
-def fit(cfg: Any, plan: RunPlan, data: Any) -> Any:
+@dataclass
+class DataOutcome:
+    summary: dict[str, Any]
+    example: dict[str, Any] | None  # one prepared training row (token-id columns)
+    timings: dict[str, float]
+
+
+def prepare_only(cfg: Any, source: str = "config", address: str | None = None,
+                 base_dir: str | None = None) -> DataOutcome:  # fmt: skip
+    """`loom data`: every driver check, then prepare (and cache) the datasets without training."""
+    clock = Stopwatch()
+    cfg = with_absolute_paths(cfg, base_dir)
+    specs = preflight_data(cfg, source)
+    cached_manifest(cfg, specs.train, specs.eval)
+    clock.lap("checks")
+    connect(address)
+    check_columns(cfg, specs.train + specs.eval)
+
+    from .data.pipeline import prepare_data, stream_summary
+
+    if cfg.streaming:
+        summary = stream_summary(cfg, specs.train)
+        example = next(iter(prepare_data(cfg, specs.train, specs.eval).train.take(1)), None)
+    else:
+        data = prepare_data(cfg, specs.train, specs.eval)
+        summary, example = data.summary, next(iter(data.train.take(1)), None)
+    clock.lap("data")
+    return DataOutcome(summary, example, clock.laps)
+
+
+def fit(cfg: Any, plan: RunPlan, data: Any, callbacks: list | None = None) -> Any:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from workers.entry import train_loop_per_worker
 
-    datasets = {"train": data.train}
-    if data.eval is not None:
-        datasets["eval"] = data.eval
+    datasets = {"train": data.train, **data.evals}
     resources = dict(plan.resources_per_worker)
+    filesystem = storage_filesystem(cfg)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.model_dump(), "plan": plan.to_dict()},
+        train_loop_config={"config": cfg.model_dump(), "plan": {**plan.to_dict(), "eval_splits": list(data.evals)}},
         torch_config=TorchConfig(timeout_s=cfg.ddp_timeout),
         scaling_config=ScalingConfig(
             num_workers=plan.num_workers,
@@ -157,9 +228,11 @@ def fit(cfg: Any, plan: RunPlan, data: Any) -> Any:
         ),
         run_config=RunConfig(
             name=plan.run_name,
-            storage_path=plan.storage_path,
+            storage_path=ray_storage_path(plan.storage_path, filesystem),
+            storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=plan.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=plan.checkpoints_to_keep),
+            callbacks=callbacks,
         ),
         datasets=datasets,
     )

@@ -19,6 +19,7 @@ _NAME_NEUTRAL = {
     "logging_steps",
     "print_param_status",
     "disable_tqdm",
+    "ray_storage_shared",
 }
 
 
@@ -26,7 +27,7 @@ _NAME_NEUTRAL = {
 class Schedule:
     """Step arithmetic once the number of training rows is known."""
 
-    train_rows: int
+    train_rows: int | None  # None: streamed, size unknown
     rows_per_worker: int
     micro_batches_per_epoch: int
     steps_per_epoch: int
@@ -56,6 +57,7 @@ class RunPlan:
     save_strategy: str
     datasets: tuple[str, ...] = ()
     schedule: Schedule | None = None
+    storage_shared: bool = False  # ray_storage_shared: every node mounts the local storage path and output_dir
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -77,7 +79,9 @@ class RunPlan:
         s = self.schedule
         if s:
             lines += [
-                f"train rows    {s.train_rows} ({s.rows_per_worker} per worker)",
+                f"train rows    {s.train_rows} ({s.rows_per_worker} per worker)"
+                if s.train_rows is not None
+                else "train rows    streamed (size unknown; max_steps decides the run)",
                 f"steps         {s.total_steps} ({s.steps_per_epoch} per epoch, {s.epochs:g} epochs)"
                 f"  warmup {s.warmup_steps}",
                 f"cadence       log every {s.logging_every}, save every {s.save_every or '-'},"
@@ -116,10 +120,15 @@ def _cadence(value: float | None, total_steps: int) -> int | None:
     return max(1, math.ceil(value * total_steps)) if value < 1 else int(value)
 
 
-def make_schedule(cfg: Any, train_rows: int) -> Schedule:
-    rows_per_worker = train_rows // cfg.ray_num_workers  # Ray's equal split drops the remainder
-    micro = math.ceil(rows_per_worker / cfg.per_device_train_batch_size)
-    steps_per_epoch = max(1, math.ceil(micro / cfg.gradient_accumulation_steps))
+def make_schedule(cfg: Any, train_rows: int | None) -> Schedule:
+    """Step arithmetic. `train_rows` None: a streamed dataset of unknown size, where max_steps is the whole run
+    and counts as one epoch."""
+    if train_rows is None:
+        rows_per_worker, micro, steps_per_epoch = 0, 0, max(1, cfg.max_steps)
+    else:
+        rows_per_worker = train_rows // cfg.ray_num_workers  # Ray's equal split drops the remainder
+        micro = math.ceil(rows_per_worker / cfg.per_device_train_batch_size)
+        steps_per_epoch = max(1, math.ceil(micro / cfg.gradient_accumulation_steps))
     if cfg.max_steps > 0:
         total = cfg.max_steps
     else:
@@ -143,7 +152,8 @@ def make_schedule(cfg: Any, train_rows: int) -> Schedule:
     )
 
 
-def make_plan(cfg: Any, base_dir: str | None = None, train_rows: int | None = None) -> RunPlan:
+def make_plan(cfg: Any, base_dir: str | None = None, train_rows: int | None = None, streaming: bool = False) -> RunPlan:
+    """The run plan; the schedule needs the prepared row count (or `streaming`, where max_steps decides)."""
     base_dir = base_dir or os.getcwd()
     run_name = derive_run_name(cfg)
     storage = resolve_path(cfg.ray_storage_path, base_dir)
@@ -166,7 +176,8 @@ def make_plan(cfg: Any, base_dir: str | None = None, train_rows: int | None = No
         checkpoints_to_keep=cfg.save_total_limit,
         save_strategy=cfg.save_strategy,
         datasets=tuple(cfg.dataset_names()),
-        schedule=make_schedule(cfg, train_rows) if train_rows is not None else None,
+        schedule=make_schedule(cfg, train_rows) if train_rows is not None or streaming else None,
+        storage_shared=cfg.ray_storage_shared,
     )
 
 
@@ -199,6 +210,25 @@ def placement_problems(plan: RunPlan, nodes: list[dict[str, float]]) -> list[str
     if sum(per_node) < count:
         return [f"{wanted} requested: the nodes hold only {sum(per_node)} whole bundles"]
     return []
+
+
+def storage_problems(plan: RunPlan, nodes: list[dict[str, float]], driver_node: dict[str, float] | None) -> list[str]:
+    """Why a local storage path cannot hold this run: its workers may land on several nodes (or on another node than
+    the driver's, which reads the run dir), and each node would write checkpoints to its own disk. `nodes` are the
+    alive nodes' total resources, `driver_node` the resources of the node the driver runs on."""
+    if plan.storage_shared or (is_uri(plan.storage_path) and not plan.storage_path.startswith("file://")):
+        return []
+    hosts = sum(1 for node in nodes if _capacity(node, plan.resources_per_worker) > 0)
+    driver_apart = driver_node is not None and _capacity(driver_node, plan.resources_per_worker) == 0
+    spanned = hosts + (1 if driver_apart and hosts else 0)
+    if spanned <= 1:
+        return []
+    where = f"{hosts} can hold a worker" + (", plus the driver's" if driver_apart else "")
+    return [
+        f"ray_storage_path {plan.storage_path!r} is a local path, but this run spans {spanned} nodes ({where}): "
+        "each would write checkpoints to its own disk and a restart or resume would miss them. Use a URI every node reaches (s3://..., gs://...), or, if every node mounts this path (NFS, a shared "
+        "volume) and output_dir too, set ray_storage_shared: true."
+    ]
 
 
 def _capacity(node: dict[str, float], bundle: dict[str, float]) -> int:

@@ -8,15 +8,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from typing import Any
 
+from . import storage
+from .config.values import split_csv
 from .data.registry import DatasetSpec, resolve_datasets
 from .errors import ConfigError, PlanError, Problem
 from .plan import RUN_MARKER, RunPlan, is_uri
+from .storage import storage_filesystem
 
 
 def data_problems(cfg: Any) -> tuple[list[DatasetSpec], list[Problem]]:
-    return resolve_datasets(cfg.dataset_names(), cfg.dataset_dir)
+    return resolve_datasets(cfg.dataset_names(), cfg.dataset_dir, stage=cfg.stage, seed=cfg.seed)
 
 
 def model_problems(cfg: Any) -> list[Problem]:
@@ -49,13 +53,31 @@ def tokenizer_problems(cfg: Any) -> list[Problem]:
     return []
 
 
-def preflight(cfg: Any, source: str) -> list[DatasetSpec]:
-    """Dataset specs when everything checks out; otherwise one ConfigError with every problem."""
+@dataclass(frozen=True)
+class DataSpecs:
+    train: list[DatasetSpec]
+    eval: list[DatasetSpec]
+
+
+def preflight_data(cfg: Any, source: str) -> DataSpecs:
+    """Training and evaluation dataset specs when everything checks out; otherwise one ConfigError with every
+    problem (datasets, evaluation datasets, tokenizer and template, module names)."""
     specs, problems = data_problems(cfg)
+    eval_specs: list[DatasetSpec] = []
+    if cfg.eval_dataset:
+        eval_specs, eval_problems = resolve_datasets(
+            split_csv(cfg.eval_dataset), cfg.dataset_dir, key="eval_dataset", stage=cfg.stage, seed=cfg.seed
+        )
+        problems += eval_problems
     problems += tokenizer_problems(cfg) + model_problems(cfg)
     if problems:
         raise ConfigError(problems, source=source)
-    return specs
+    return DataSpecs(specs, eval_specs)
+
+
+def preflight(cfg: Any, source: str) -> list[DatasetSpec]:
+    """Training dataset specs when everything checks out; otherwise one ConfigError with every problem."""
+    return preflight_data(cfg, source).train
 
 
 def read_marker(output_dir: str) -> dict | None:
@@ -70,7 +92,7 @@ def prepare_run_dirs(cfg: Any, plan: RunPlan) -> str:
     """Decide fresh / resume / refuse for the run directory and output_dir. Returns what will happen, in words."""
     marker = read_marker(plan.output_dir)
     if cfg.overwrite_output_dir:
-        _remove_run(plan, marker)
+        _remove_run(plan, marker, storage_filesystem(cfg))
         return "overwrite: the earlier run with this name was removed; training starts from step 0"
     if marker and marker.get("status") == "finished":
         raise PlanError(
@@ -87,24 +109,21 @@ def prepare_run_dirs(cfg: Any, plan: RunPlan) -> str:
             f"output_dir {plan.output_dir} belongs to run {marker.get('run_name')!r}, not {plan.run_name!r}; "
             "choose another output_dir or set overwrite_output_dir: true."
         )
-    latest = latest_committed_checkpoint(plan.run_dir)
+    latest = latest_committed_checkpoint(plan.run_dir, storage_filesystem(cfg))
     if latest:
         return f"resume from {latest}"
     return "fresh (an earlier attempt left no committed checkpoint)" if marker else "fresh"
 
 
-def latest_committed_checkpoint(run_dir: str) -> str | None:
+def latest_committed_checkpoint(run_dir: str, filesystem: Any = None) -> str | None:
     """The checkpoint Ray Train will hand the workers: the latest one its run snapshot lists as committed."""
-    snapshot = os.path.join(run_dir, "checkpoint_manager_snapshot.json")
-    if is_uri(run_dir) or not os.path.isfile(snapshot):
-        return None
+    filesystem, root = storage.resolve(run_dir, filesystem)
+    snapshot = storage.read_json(filesystem, f"{root}/checkpoint_manager_snapshot.json")
     try:
-        with open(snapshot, encoding="utf-8") as handle:
-            name = json.load(handle)["latest_checkpoint_result"]["checkpoint_dir_name"]
-        with open(os.path.join(run_dir, name, "trainer_state.json"), encoding="utf-8") as handle:
-            step = json.load(handle)["global_step"]
-    except (OSError, KeyError, TypeError, ValueError):
-        return None  # an unreadable snapshot is Ray's to report; the run still starts
+        name = snapshot["latest_checkpoint_result"]["checkpoint_dir_name"]
+        step = storage.read_json(filesystem, f"{root}/{name}/trainer_state.json")["global_step"]
+    except (KeyError, TypeError):
+        return None  # no snapshot yet, or an unreadable one (Ray's to report); the run still starts
     return f"{name} (step {step})"
 
 
@@ -112,14 +131,9 @@ def _non_empty(folder: str) -> bool:
     return not is_uri(folder) and os.path.isdir(folder) and bool(os.listdir(folder))
 
 
-def _remove_run(plan: RunPlan, marker: dict | None) -> None:
-    if is_uri(plan.run_dir):
-        import pyarrow.fs as pafs
-
-        filesystem, path = pafs.FileSystem.from_uri(plan.run_dir)
-        if filesystem.get_file_info(path).type != pafs.FileType.NotFound:
-            filesystem.delete_dir(path)
-    elif os.path.isdir(plan.run_dir):
-        shutil.rmtree(plan.run_dir)
+def _remove_run(plan: RunPlan, marker: dict | None, filesystem: Any = None) -> None:
+    filesystem, root = storage.resolve(plan.run_dir, filesystem)
+    if storage.exists(filesystem, root):
+        filesystem.delete_dir(root)
     if marker and os.path.isdir(plan.output_dir):
         shutil.rmtree(plan.output_dir)  # only a folder Loom wrote (it holds our marker) is deleted whole

@@ -17,6 +17,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault(
     "RAY_AUTH_MODE", "disabled"
 )  # one local test cluster; token auth would need a token in every client
+# The S3 tests talk to a moto server on loopback: dummy credentials, and never probe a cloud metadata service.
+for _key, _value in {"AWS_ACCESS_KEY_ID": "loom-test", "AWS_SECRET_ACCESS_KEY": "loom-test",
+                     "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}.items():  # fmt: skip
+    os.environ.setdefault(_key, _value)
 
 
 def free_port() -> int:

@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 IGNORE_INDEX = -100
+
+
+def _padded(rows: Sequence[Sequence[int]], width: int, fill: int) -> torch.Tensor:
+    out = torch.full((len(rows), width), fill, dtype=torch.long)
+    for index, row in enumerate(rows):
+        out[index, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+    return out
 
 
 def pad_batch(
@@ -14,18 +22,35 @@ def pad_batch(
     labels: Sequence[Sequence[int]],
     pad_token_id: int,
     ignore_pad_token_for_loss: bool = True,
+    position_ids: Sequence[Sequence[int]] | None = None,
+    segment_ids: Sequence[Sequence[int]] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest sequence; padded label positions are ignored by the loss (or the pad id)."""
+    """Right-pad to the longest sequence; padded label positions are ignored by the loss (or the pad id).
+
+    Packed rows also carry position ids (restarting per packed sequence; 0 on padding) and segment ids
+    (which packed sequence each token belongs to; 0 on padding).
+    """
     width = max(len(ids) for ids in input_ids)
-    label_pad = IGNORE_INDEX if ignore_pad_token_for_loss else pad_token_id
     batch = {
-        "input_ids": torch.full((len(input_ids), width), pad_token_id, dtype=torch.long),
-        "attention_mask": torch.zeros((len(input_ids), width), dtype=torch.long),
-        "labels": torch.full((len(input_ids), width), label_pad, dtype=torch.long),
+        "input_ids": _padded(input_ids, width, pad_token_id),
+        "attention_mask": _padded([[1] * len(ids) for ids in input_ids], width, 0),
+        "labels": _padded(labels, width, IGNORE_INDEX if ignore_pad_token_for_loss else pad_token_id),
     }
-    for row, (ids, labs) in enumerate(zip(input_ids, labels, strict=True)):
-        n = len(ids)
-        batch["input_ids"][row, :n] = torch.tensor(ids, dtype=torch.long)
-        batch["attention_mask"][row, :n] = 1
-        batch["labels"][row, :n] = torch.tensor(labs, dtype=torch.long)
+    if position_ids is not None:
+        batch["position_ids"] = _padded(position_ids, width, 0)
+    if segment_ids is not None:
+        batch["segment_ids"] = _padded(segment_ids, width, 0)
     return batch
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Keyword arguments for a causal LM. Neatly packed rows (several segments) go without a 2-D attention mask:
+    transformers then derives a block-diagonal causal mask from the restarting position ids, for eager and sdpa
+    attention alike, and flash attention uses them as varlen boundaries."""
+    inputs: dict[str, Any] = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if "position_ids" in batch:
+        inputs["position_ids"] = batch["position_ids"]
+        if "segment_ids" in batch and int(batch["segment_ids"].max()) > 1:
+            inputs["attention_mask"] = None
+            inputs["use_cache"] = False  # transformers derives the packed mask only when no cache is in play
+    return inputs

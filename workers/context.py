@@ -15,6 +15,8 @@ class DistContext:
     world_size: int
     local_rank: int
     device: torch.device
+    node_id: str = ""  # the Ray node this rank runs on (empty outside Ray)
+    node_ip: str = ""
 
     @property
     def is_main(self) -> bool:

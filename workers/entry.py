@@ -33,7 +33,9 @@ class RayRunIO:
                 batch_size=batch_size,
                 batch_format="numpy",
                 drop_last=False,
-                local_shuffle_buffer_size=batch_size * 16 if shuffle else None,
+                local_shuffle_buffer_size=(self.cfg.buffer_size if self.cfg.streaming else batch_size * 16)
+                if shuffle
+                else None,
                 local_shuffle_seed=self.cfg.shuffle_seed() + epoch if shuffle else None,
             )
         )
@@ -68,6 +70,8 @@ def build_context() -> DistContext:
         world_size=context.get_world_size(),
         local_rank=context.get_local_rank(),
         device=ray.train.torch.get_device(),
+        node_id=ray.get_runtime_context().get_node_id(),
+        node_ip=ray.util.get_node_ip_address(),
     )
 
 

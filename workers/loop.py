@@ -96,7 +96,7 @@ class StageRunner:
         with io.latest_checkpoint() as resume_dir:
             if resume_dir:
                 verify_checkpoint(resume_dir)
-            model = build_model(cfg, os.path.join(resume_dir, "model") if resume_dir else None)
+            model = build_model(cfg, os.path.join(resume_dir, "model") if resume_dir else None, self.tokenizer)
             ctx.print0(parameter_report(model))
             if cfg.print_param_status:
                 ctx.print0(parameter_status(model))
@@ -115,6 +115,7 @@ class StageRunner:
             torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
             torch.backends.cudnn.allow_tf32 = cfg.tf32
         self.scaler = torch.amp.GradScaler("cuda") if cfg.fp16 else None
+        self.placement: list[dict[str, Any]] = []  # rank -> node, gathered when the run starts
         ctx.print0(f"worker setup (tokenizer, model, optimizer) took {time.perf_counter() - started:.1f} s")
 
     @property
@@ -159,11 +160,11 @@ class StageRunner:
         tokens = sum(int(b["attention_mask"].sum()) for b in batches)
         return step_loss, tokens
 
-    def evaluate(self) -> float:
+    def evaluate(self, split: str = "eval") -> float:
         self.model.eval()
         loss_total, count = 0.0, 0
         with torch.no_grad(), self._precision():
-            for columns in self.io.batches("eval", 0):
+            for columns in self.io.batches(split, 0):
                 loss_sum, n = self.stage.loss_sum(self.model, self._collate(columns))
                 loss_total, count = loss_total + float(loss_sum), count + n
         self.model.train()
@@ -171,6 +172,13 @@ class StageRunner:
         return loss_total / max(count, 1)
 
     def run(self) -> TrainState:
+        self.placement = self.ctx.gather(
+            {"rank": self.ctx.rank, "node_ip": self.ctx.node_ip, "node_id": self.ctx.node_id}
+        )
+        self.ctx.print0(
+            "placement: "
+            + ", ".join(f"rank {w['rank']} on {w['node_ip']} (node {w['node_id'][:8]})" for w in self.placement)
+        )
         if self.log:
             self.log.truncate_after(self.state.global_step)
             self._write_marker("running")
@@ -223,7 +231,8 @@ class StageRunner:
             if self.cfg.include_effective_tokens_per_second:
                 metrics["effective_tokens_per_sec"] = round(tokens / max(elapsed, 1e-9), 2)
         if eval_now:
-            metrics["eval_loss"] = round(self.evaluate(), 6)
+            for split in self.plan.get("eval_splits", ["eval"]):  # "eval", or "eval_<dataset>" per dataset
+                metrics[f"{split}_loss"] = round(self.evaluate(split), 6)
         if self.log and (log_now or eval_now):
             self.log.append(metrics)
         if save_now or step == self.total_steps:
@@ -263,6 +272,7 @@ class StageRunner:
             "total_steps": self.total_steps,
             "stage": self.cfg.stage,
             "finetuning_type": self.cfg.finetuning_type,
+            "workers": self.placement,  # rank -> node of the current attempt
         }
         with open(path + ".tmp", "w", encoding="utf-8") as handle:
             json.dump(record, handle, indent=2)

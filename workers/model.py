@@ -135,7 +135,10 @@ def lora_config(cfg: Any, model: torch.nn.Module) -> Any:
         lora_alpha=cfg.effective_lora_alpha(),
         lora_dropout=cfg.lora_dropout,
         target_modules=lora_targets(cfg, model),
-        modules_to_save=split_csv(cfg.additional_target) or None,
+        modules_to_save=(
+            split_csv(cfg.additional_target) + (embedding_module_names(model) if resizes_vocab(cfg) else [])
+        )
+        or None,  # fmt: skip
         use_rslora=cfg.use_rslora,
         use_dora=cfg.use_dora,
         init_lora_weights=init,
@@ -180,10 +183,31 @@ def upcast(cfg: Any, model: torch.nn.Module) -> None:
         head.register_forward_hook(lambda _module, _inputs, output: output.float())
 
 
-def build_model(cfg: Any, resume_dir: str | None = None) -> torch.nn.Module:
+def resizes_vocab(cfg: Any) -> bool:
+    return bool(cfg.resize_vocab or cfg.new_special_tokens)
+
+
+def fit_embeddings(model: torch.nn.Module, tokenizer: Any) -> bool:
+    """Grow the embedding and output layers to the tokenizer (rounded up to a multiple of 64). New rows start at
+    the mean of the old ones (transformers' mean_resizing), not at random. Returns whether anything changed."""
+    if len(tokenizer) <= model.get_input_embeddings().weight.shape[0]:
+        return False
+    model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64, mean_resizing=True)
+    return True
+
+
+def embedding_module_names(model: torch.nn.Module) -> list[str]:
+    """Short names of the input and output embedding modules (trained whole when the vocabulary grows)."""
+    wanted = {id(model.get_input_embeddings()), id(model.get_output_embeddings())}
+    return sorted({name.split(".")[-1] for name, module in model.named_modules() if id(module) in wanted})
+
+
+def build_model(cfg: Any, resume_dir: str | None = None, tokenizer: Any = None) -> torch.nn.Module:
     """The trainable model: base weights (or the checkpoint's, for full/freeze), then the fine-tuning method."""
     full_weights_from_checkpoint = resume_dir if cfg.finetuning_type != "lora" else None
     model = load_base_model(cfg, full_weights_from_checkpoint)
+    if resizes_vocab(cfg) and tokenizer is not None:
+        fit_embeddings(model, tokenizer)
     if cfg.finetuning_type == "lora":
         model = apply_lora(cfg, model, resume_dir)
     elif cfg.finetuning_type == "freeze":

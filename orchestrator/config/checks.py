@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 from collections.abc import Callable
@@ -79,10 +80,9 @@ def _contradictions(cfg: LoomConfig) -> list[Problem]:
     if cfg.val_size >= 1 and cfg.val_size != int(cfg.val_size):
         p.append(Problem("val_size", f"given {cfg.val_size}; a fraction below 1 or a whole row count"))
     wants_eval = cfg.do_eval or cfg.eval_strategy != "no"
-    if wants_eval and cfg.val_size == 0:
-        p.append(
-            Problem("val_size", "evaluation is on (do_eval/eval_strategy) but val_size is 0: nothing to evaluate on")
-        )
+    if wants_eval and cfg.val_size == 0 and not cfg.eval_dataset:
+        p.append(Problem("val_size", "evaluation is on (do_eval/eval_strategy) but there is nothing to evaluate on: "
+                                     "set val_size or eval_dataset"))  # fmt: skip
     if cfg.eval_strategy == "no" and cfg.eval_steps is not None:
         p.append(Problem("eval_steps", f"given {cfg.eval_steps}, but eval_strategy is 'no'"))
     if cfg.max_steps <= 0 and cfg.stage in BUILT_STAGES and cfg.num_train_epochs <= 0:
@@ -90,18 +90,50 @@ def _contradictions(cfg: LoomConfig) -> list[Problem]:
     return p
 
 
+def _stage_built(cfg: LoomConfig) -> list[Problem]:
+    if cfg.stage in BUILT_STAGES:
+        return []
+    message = f"given {cfg.stage!r}; training is built for {', '.join(BUILT_STAGES)} (rm/dpo/kto/ppo are not yet; "
+    return [Problem("stage", message + "`loom data` prepares their data)")]
+
+
+def _data(cfg: LoomConfig) -> list[Problem]:
+    from ..data.mixing import probability_problems
+    from ..data.tools import known_tool_formats
+
+    p = [Problem("interleave_probs", m)
+         for m in probability_problems(cfg.interleave_probs, len(cfg.dataset_names()), cfg.mix_strategy)]  # fmt: skip
+    if cfg.tool_format is not None and cfg.tool_format not in known_tool_formats():
+        p.append(Problem("tool_format", f"given {cfg.tool_format!r}; known: {', '.join(known_tool_formats())}"))
+    if cfg.eval_dataset and cfg.val_size > 0:
+        p.append(Problem("val_size", f"given {cfg.val_size}, and eval_dataset is set too; use one of them"))
+    if cfg.eval_on_each_dataset and not cfg.eval_dataset:
+        p.append(Problem("eval_on_each_dataset", "needs eval_dataset"))
+    if cfg.streaming:
+        p += _streaming_problems(cfg)
+    if cfg.overwrite_cache and not cfg.tokenized_path:
+        p.append(Problem("overwrite_cache", "needs tokenized_path (the cache it would rebuild)"))
+    return p
+
+
+def _streaming_problems(cfg: LoomConfig) -> list[Problem]:
+    """What a stream of unknown size cannot do: count epochs, hold out a split, interleave by counts, be cached."""
+    p = []
+    if cfg.max_steps <= 0:
+        p.append(Problem("max_steps", "streaming: true needs max_steps (the stream's size is unknown)"))
+    if cfg.val_size > 0:
+        p.append(Problem("val_size", "cannot split a stream; with streaming: true use eval_dataset"))
+    if cfg.mix_strategy != "concat":
+        p.append(Problem("mix_strategy", f"given {cfg.mix_strategy!r}; streamed datasets are concatenated"))
+    if cfg.tokenized_path:
+        p.append(Problem("tokenized_path", "caching needs the whole dataset; turn streaming off to build a cache"))
+    return p
+
+
 def _stage_and_values(cfg: LoomConfig) -> list[Problem]:
     p = []
-    if cfg.stage not in BUILT_STAGES:
-        p.append(
-            Problem(
-                "stage", f"given {cfg.stage!r}; built so far: {', '.join(BUILT_STAGES)} (rm/dpo/kto/ppo are not yet)"
-            )
-        )
-    if cfg.mix_strategy != "concat":
-        p.append(Problem("mix_strategy", f"given {cfg.mix_strategy!r}; only concat is built so far"))
-    if cfg.packing and cfg.stage != "pt":
-        p.append(Problem("packing", f"packing for stage {cfg.stage!r} is not built yet (pre-training packs)"))
+    if cfg.packing and cfg.stage not in ("pt", "sft"):
+        p.append(Problem("packing", f"packing is for stages pt and sft, not {cfg.stage!r}"))
     if cfg.lr_scheduler_type == "reduce_lr_on_plateau":
         p.append(Problem("lr_scheduler_type", "reduce_lr_on_plateau is not supported yet"))
     trackers = [cfg.report_to] if isinstance(cfg.report_to, str) else list(cfg.report_to)
@@ -174,18 +206,40 @@ def _template(cfg: LoomConfig) -> list[Problem]:
     return [Problem("template", f"given {cfg.template!r}; known: {', '.join(known_templates())}{hint}")]
 
 
+def _storage(cfg: LoomConfig) -> list[Problem]:
+    p = []
+    if cfg.ray_storage_endpoint and not cfg.ray_storage_path.startswith("s3://"):
+        p.append(Problem("ray_storage_endpoint", f"needs an s3:// ray_storage_path, not {cfg.ray_storage_path!r}"))
+    if cfg.ray_storage_endpoint and cfg.ray_storage_filesystem:
+        p.append(Problem("ray_storage_filesystem", "and ray_storage_endpoint are both set; the factory decides alone"))
+    if cfg.ray_storage_filesystem:
+        module_name, _, function = cfg.ray_storage_filesystem.partition(":")
+        try:
+            found = bool(function) and callable(getattr(importlib.import_module(module_name), function, None))
+        except ImportError as error:
+            found, module_name = False, f"{module_name} ({error})"
+        if not found:
+            p.append(Problem("ray_storage_filesystem", f"given {cfg.ray_storage_filesystem!r}; expected an importable "
+                                                       f"`package.module:function` (looked in {module_name})"))  # fmt: skip
+    return p
+
+
 CHECKS: tuple[Callable[[LoomConfig], list[Problem]], ...] = (
     _contradictions,
     _scoped,
     _stage_and_values,
+    _data,
+    _storage,
     _resources,
     _paths,
     _template,
 )
 
 
-def cross_field_problems(cfg: LoomConfig) -> list[Problem]:
-    return [problem for check in CHECKS for problem in check(cfg)]
+def cross_field_problems(cfg: LoomConfig, training: bool = True) -> list[Problem]:
+    """Every cross-field problem; `training=False` (loom data) accepts stages whose training is not built yet."""
+    checks = CHECKS + (_stage_built,) if training else CHECKS
+    return [problem for check in checks for problem in check(cfg)]
 
 
 def support_problems(cfg: LoomConfig) -> list[Problem]:

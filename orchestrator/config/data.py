@@ -14,25 +14,29 @@ class DataArgs(BaseModel):
         None, "Prompt template for training and generation (default, empty, ...); unset: empty."
     )
     dataset: str | None = param(None, "Comma-separated dataset names (from dataset_info.json) or file names.")
-    eval_dataset: str | None = not_yet(None, "Comma-separated evaluation dataset names.", _DATA_LAYER)
-    eval_on_each_dataset: bool | None = not_yet(False, "Report evaluation loss per evaluation dataset.", _DATA_LAYER)
+    eval_dataset: str | None = param(None, "Comma-separated evaluation dataset names (instead of val_size).")
+    eval_on_each_dataset: bool | None = param(False, "Report evaluation loss per evaluation dataset.")
     dataset_dir: str = param("data", "Folder holding dataset_info.json and the dataset files.")
     media_dir: str | None = not_yet(None, "Folder of images, videos and audio; defaults to dataset_dir.", _DATA_LAYER)
-    data_shared_file_system: bool | None = not_yet(
-        False, "Whether every node sees the same dataset files (prepare once) or not (prepare per node).", _DATA_LAYER
+    data_shared_file_system: bool | None = param(
+        False,
+        "Whether every node sees the dataset files and tokenized_path; if not, Loom reads and writes them on the "
+        "driver's node only.",
     )
     cutoff_len: int = param(2048, "Maximum tokens per example; longer ones are truncated.", ge=1)
     train_on_prompt: bool = param(False, "Compute the loss on prompt tokens too.")
     mask_history: bool = param(False, "Train only on the last turn of multi-turn examples.")
-    streaming: bool = not_yet(False, "Stream the dataset without materializing it.", _DATA_LAYER)
-    buffer_size: int = not_yet(16384, "Shuffle buffer size in streaming mode.", _DATA_LAYER, ge=1)
+    streaming: bool = param(
+        False, "Stream the dataset to the workers as it is tokenized, never materialized (needs max_steps)."
+    )
+    buffer_size: int = param(16384, "Rows in each worker's shuffle buffer in streaming mode.", ge=1)
     mix_strategy: Literal["concat", "interleave_under", "interleave_over"] = param(
-        "concat", "How several datasets mix; only concat is built so far."
+        "concat",
+        "How several datasets mix: one after another, or interleaved until the first (under) or the last "
+        "(over) runs out.",
     )
-    interleave_probs: str | None = not_yet(
-        None, "Comma-separated sampling probabilities for interleaving.", _DATA_LAYER
-    )
-    overwrite_cache: bool = not_yet(False, "Rebuild the tokenized-dataset cache.", _DATA_LAYER)
+    interleave_probs: str | None = param(None, "Comma-separated sampling probabilities for interleaving.")
+    overwrite_cache: bool = param(False, "Rebuild the tokenized-dataset cache at tokenized_path.")
     preprocessing_batch_size: int = param(1000, "Rows per Ray Data batch while tokenizing.", ge=1)
     preprocessing_num_workers: int | None = param(
         None, "Ray Data tasks tokenizing at once (default: as many as the cluster allows).", ge=1
@@ -43,9 +47,9 @@ class DataArgs(BaseModel):
     )
     ignore_pad_token_for_loss: bool = param(True, "Leave padding tokens out of the loss.")
     val_size: float = param(0.0, "Held-out validation split: a fraction in [0, 1) or a row count >= 1.", ge=0.0)
-    packing: bool | None = param(
-        None, "Pack sequences into cutoff_len blocks; on by default for pt, not built yet for other stages."
+    packing: bool | None = param(None, "Pack sequences into cutoff_len blocks; on by default for pt.")
+    neat_packing: bool = param(False, "Packing without attention across packed sequences.")
+    tool_format: str | None = param(None, "Format of tool-call examples (default: the template's own).")
+    tokenized_path: str | None = param(
+        None, "Where the tokenized dataset is saved (Parquet, a path or pyarrow URI) and reused by later runs."
     )
-    neat_packing: bool = not_yet(False, "Packing without attention across packed sequences.", _DATA_LAYER)
-    tool_format: str | None = not_yet(None, "Format of tool-call examples.", _DATA_LAYER)
-    tokenized_path: str | None = not_yet(None, "Where the tokenized dataset is saved and reused.", _DATA_LAYER)

@@ -62,15 +62,20 @@ def _scalar(raw: str) -> Any:
     return value
 
 
-def load_config(path: str | None, overrides: list[str] | None = None) -> LoomConfig:
+def load_config(path: str | None, overrides: list[str] | None = None, training: bool = True) -> LoomConfig:
     raw = read_config_file(path) if path else {}
     extra, problems = parse_overrides(overrides or [])
     raw.update(extra)
-    return validate_config(raw, source=path or "command line", problems=problems)
+    return validate_config(raw, source=path or "command line", problems=problems, training=training)
 
 
-def validate_config(raw: dict[str, Any], source: str = "config", problems: list[Problem] | None = None) -> LoomConfig:
-    """A LoomConfig, or one ConfigError listing every unknown key, bad value and contradiction."""
+def validate_config(
+    raw: dict[str, Any], source: str = "config", problems: list[Problem] | None = None, training: bool = True
+) -> LoomConfig:
+    """A LoomConfig, or one ConfigError listing every unknown key, bad value and contradiction.
+
+    `training=False` validates for data preparation only (loom data), which also serves stages not trainable yet.
+    """
     problems = list(problems or [])
     fields = LoomConfig.model_fields
     known = {}
@@ -90,7 +95,7 @@ def validate_config(raw: dict[str, Any], source: str = "config", problems: list[
             bad_keys.add(key)
             problems.append(Problem(key, _value_message(key, known.get(key), item)))
     cfg = LoomConfig.model_validate({k: v for k, v in known.items() if k not in bad_keys})
-    later = cross_field_problems(cfg) + support_problems(cfg)
+    later = cross_field_problems(cfg, training) + support_problems(cfg)
     problems += [p for p in later if p.key not in bad_keys]
     if problems:
         raise ConfigError(_dedupe(problems), source=source)

@@ -21,13 +21,11 @@ class ModelArgs(BaseModel):
     )
     cache_dir: str | None = param(None, "Local directory where downloaded models are cached.")
     use_fast_tokenizer: bool = param(True, "Use the fast (Rust) tokenizer when the model provides one.")
-    resize_vocab: bool = not_yet(
-        False, "Resize the vocabulary and embedding layers to the tokenizer.", TOKENIZER_CHANGES
+    resize_vocab: bool = param(
+        False, "Resize the embedding layers to the tokenizer (implied by new_special_tokens, as in LLaMA-Factory)."
     )
-    split_special_tokens: bool = not_yet(False, "Split special tokens apart during tokenization.", TOKENIZER_CHANGES)
-    new_special_tokens: str | None = not_yet(
-        None, "Special tokens to add to the tokenizer, comma-separated.", TOKENIZER_CHANGES
-    )
+    split_special_tokens: bool = param(False, "Tokenize special-token strings in text as plain text.")
+    new_special_tokens: str | None = param(None, "Special tokens to add to the tokenizer, comma-separated.")
     model_revision: str = param("main", "Model revision to load: a branch, tag or commit id.")
     low_cpu_mem_usage: bool = param(True, "Load the model with reduced peak CPU memory.")
     rope_scaling: Literal["linear", "dynamic", "yarn", "llama3"] | None = not_yet(

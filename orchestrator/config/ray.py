@@ -12,6 +12,24 @@ class RayArgs(BaseModel):
         None, "Run name: results go to <ray_storage_path>/<ray_run_name>; derived from the config when unset."
     )
     ray_storage_path: str = param("./saves", "Storage path (local, NFS or pyarrow URI) that holds run directories.")
+    ray_storage_shared: bool = param(
+        False,
+        "The local ray_storage_path (and output_dir) is on a filesystem every node mounts (NFS, a shared volume); "
+        "a multi-node run refuses a local path without it.",
+        source="loom",
+    )
+    ray_storage_endpoint: str | None = param(
+        None,
+        "Endpoint of an S3-compatible store (MinIO, Ceph, R2...) for an s3:// ray_storage_path, e.g. "
+        "http://minio:9000; credentials come from each node's environment, as for S3.",
+        source="loom",
+    )
+    ray_storage_filesystem: str | None = param(
+        None,
+        "`package.module:function` returning the pyarrow FileSystem that holds ray_storage_path, for stores pyarrow "
+        "cannot open from a URI alone.",
+        source="loom",
+    )
     ray_num_workers: int = param(1, "Number of Ray Train workers (one process each).", ge=1)
     resources_per_worker: dict | str = param(
         {"GPU": 1}, 'Resources of each worker bundle, as a dict or a JSON string, e.g. {"CPU": 1}.'

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 from functools import lru_cache
 from typing import Any
 
+from ..config.values import split_csv
 from .templates import get_template, prepare_tokenizer
 
 
@@ -20,6 +21,8 @@ class TokenizerSpec:
     cache_dir: str | None = None
     trust_remote_code: bool = False
     token: str | None = None
+    new_special_tokens: tuple[str, ...] = ()
+    split_special_tokens: bool = False
 
     @classmethod
     def from_config(cls, cfg: Any) -> TokenizerSpec:
@@ -31,6 +34,8 @@ class TokenizerSpec:
             cache_dir=cfg.cache_dir,
             trust_remote_code=cfg.trust_remote_code,
             token=cfg.hf_hub_token,
+            new_special_tokens=tuple(split_csv(cfg.new_special_tokens)),
+            split_special_tokens=cfg.split_special_tokens,
         )
 
     def to_dict(self) -> dict:
@@ -52,7 +57,10 @@ def load_tokenizer(spec: TokenizerSpec) -> Any:
         cache_dir=spec.cache_dir,
         trust_remote_code=spec.trust_remote_code,
         token=spec.token,
+        split_special_tokens=spec.split_special_tokens,
     )
+    if spec.new_special_tokens:
+        tokenizer.add_tokens(list(spec.new_special_tokens), special_tokens=True)
     missing = prepare_tokenizer(tokenizer, get_template(spec.template))
     if missing:
         raise ValueError(f"template {spec.template!r} needs tokens the tokenizer lacks: {missing}")

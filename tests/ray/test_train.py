@@ -69,9 +69,12 @@ def test_sft_lora_trains_saves_an_adapter_and_refuses_to_overwrite(ray_cluster, 
         run(raw, ray_cluster)
 
 
-def test_sft_freeze_changes_only_the_trainable_layers(ray_cluster, train_config, tiny_model):
-    outcome = run(train_config(finetuning_type="freeze", freeze_trainable_layers=1, learning_rate=1e-3), ray_cluster)
+def test_sft_freeze_with_neat_packing_changes_only_the_trainable_layers(ray_cluster, train_config, tiny_model):
+    raw = train_config(finetuning_type="freeze", freeze_trainable_layers=1, learning_rate=1e-3, packing=True,
+                       neat_packing=True, per_device_train_batch_size=2)  # fmt: skip
+    outcome = run(raw, ray_cluster)
     assert_loss_went_down(logged(outcome.output_dir))
+    assert outcome.data_summary["train_examples"] < 128 and 0.8 < outcome.data_summary["block_fill"] <= 1
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()

@@ -8,7 +8,14 @@ import sys
 import pytest
 
 from orchestrator.config import validate_config
-from orchestrator.plan import derive_run_name, make_plan, make_schedule, placement_problems, with_absolute_paths
+from orchestrator.plan import (
+    derive_run_name,
+    make_plan,
+    make_schedule,
+    placement_problems,
+    storage_problems,
+    with_absolute_paths,
+)
 from tests.helpers import DEMO_DATA
 
 
@@ -136,3 +143,40 @@ def test_placement_problems_say_what_is_missing(cfg_of, workers, bundle, strateg
 def test_placeable_plans_pass(cfg_of, workers, bundle, strategy, nodes):
     plan = make_plan(cfg_of(ray_num_workers=workers, resources_per_worker=bundle, placement_strategy=strategy), "/b")
     assert placement_problems(plan, nodes) == []
+
+
+@pytest.mark.parametrize(
+    ("storage", "shared", "bundle", "nodes", "driver", "spanned"),
+    [
+        ("/data/runs", False, {"CPU": 1}, [node(CPU=4), node(CPU=4)], 0, 2),  # two nodes can hold a worker
+        ("file:///data/runs", False, {"CPU": 1}, [node(CPU=4), node(CPU=4), node(CPU=4)], 0, 3),  # file:// is local
+        ("/data/runs", False, {"GPU": 1}, [node(CPU=0), node(GPU=8)], 0, 2),  # the driver's node holds no worker
+        ("/data/runs", False, {"GPU": 1}, [node(CPU=0), node(GPU=8)], None, None),  # driver node unknown: 1 host
+        ("/data/runs", False, {"GPU": 1}, [node(CPU=8, GPU=8), node(CPU=8)], 0, None),  # one node does it all
+        ("/data/runs", True, {"CPU": 1}, [node(CPU=4), node(CPU=4)], 0, None),  # declared shared (NFS)
+        ("s3://bucket/runs", False, {"CPU": 1}, [node(CPU=4), node(CPU=4)], 0, None),
+        ("/data/runs", False, {"CPU": 1}, [node(CPU=4)], 0, None),  # one machine
+    ],
+)
+def test_local_storage_on_several_nodes_must_be_declared_shared(cfg_of, storage, shared, bundle, nodes, driver,
+                                                                spanned):  # fmt: skip
+    cfg = cfg_of(ray_storage_path=storage, ray_storage_shared=shared, resources_per_worker=bundle, output_dir="/o")
+    plan = make_plan(cfg, "/b")
+    found = storage_problems(plan, nodes, None if driver is None else nodes[driver])
+    if spanned is None:
+        assert found == []
+        return
+    assert len(found) == 1, found
+    for phrase in (
+        "ray_storage_path",
+        repr(plan.storage_path),
+        f"spans {spanned} nodes",
+        "s3://",
+        "ray_storage_shared: true",
+    ):
+        assert phrase in found[0], found[0]
+
+
+def test_declaring_storage_shared_keeps_the_derived_run_name(cfg_of):
+    assert derive_run_name(cfg_of()) == derive_run_name(cfg_of(ray_storage_shared=True))
+    assert make_plan(cfg_of(ray_storage_shared=True), "/b").storage_shared is True

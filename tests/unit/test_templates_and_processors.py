@@ -8,16 +8,21 @@ from orchestrator.data.formats import convert_alpaca
 from orchestrator.data.processors import (
     IGNORE_INDEX,
     ProcessorOptions,
+    feedback_batch,
+    pairwise_batch,
     pretrain_batch,
+    processor_name,
     split_budget,
     supervised_batch,
     supervised_example,
+    unsupervised_batch,
 )
 from orchestrator.data.registry import DatasetSpec
 from orchestrator.data.templates import TEMPLATES, get_template, known_templates
 from tests.helpers import CharTokenizer
 
 TOK = CharTokenizer()
+EMPTY = get_template("empty")
 CONVERSATION = [
     {"role": "user", "content": "hi"},
     {"role": "assistant", "content": "yo"},
@@ -111,8 +116,8 @@ def test_invalid_examples_are_dropped_and_counted():
     no_answer = {"prompt": CONVERSATION[:1], "response": [], "system": ""}
     good = example(CONVERSATION[:2])
     result = supervised_batch(TOK, get_template("empty"), [bad, no_answer, good], ProcessorOptions(100))
-    assert len(result["columns"]["input_ids"]) == 1
-    assert sum(result["dropped"].values()) == 2
+    assert len(result.columns["input_ids"]) == 1
+    assert sum(result.dropped.values()) == 2
 
 
 def test_alpaca_conversion_with_history_and_system():
@@ -134,8 +139,59 @@ def text_example(text):
 
 def test_pretrain_packing_concatenates_and_drops_the_tail():
     examples = [text_example("ab"), text_example("cd")]
-    packed = pretrain_batch(TOK, examples, ProcessorOptions(cutoff_len=4, packing=True))
-    assert packed["columns"]["input_ids"] == [TOK.encode("ab</s>c")]
-    assert packed["columns"]["labels"] == packed["columns"]["input_ids"]
-    unpacked = pretrain_batch(TOK, examples, ProcessorOptions(cutoff_len=2, packing=False))
-    assert unpacked["columns"]["input_ids"] == [TOK.encode("ab"), TOK.encode("cd")]
+    packed = pretrain_batch(TOK, EMPTY, examples, ProcessorOptions(cutoff_len=4, packing=True))
+    assert packed.columns["input_ids"] == [TOK.encode("ab</s>c")]
+    assert packed.columns["labels"] == packed.columns["input_ids"]
+    unpacked = pretrain_batch(TOK, EMPTY, examples, ProcessorOptions(cutoff_len=2, packing=False))
+    assert unpacked.columns["input_ids"] == [TOK.encode("ab"), TOK.encode("cd")]
+    assert unpacked.truncated == 2
+
+
+def ranked(question, chosen, rejected, system=""):
+    return {"prompt": [{"role": "user", "content": question}], "system": system, "tools": "",
+            "response": [{"role": "assistant", "content": chosen}, {"role": "assistant", "content": rejected}]}  # fmt: skip
+
+
+def test_pairwise_shares_the_prompt_and_masks_it():
+    out = pairwise_batch(TOK, get_template("default"), [ranked("hi", "good", "bad")], ProcessorOptions(100))
+    prompt = TOK.encode("Human: hi</s>\nAssistant:")
+    assert out.columns["chosen_input_ids"] == [prompt + TOK.encode("good</s>\n")]
+    assert out.columns["rejected_input_ids"] == [prompt + TOK.encode("bad</s>\n")]
+    assert out.columns["chosen_labels"] == [[IGNORE_INDEX] * len(prompt) + TOK.encode("good</s>\n")]
+    assert out.columns["rejected_labels"] == [[IGNORE_INDEX] * len(prompt) + TOK.encode("bad</s>\n")]
+
+
+def test_pairwise_cuts_both_responses_to_one_budget_and_drops_unranked():
+    long = ranked("q" * 20, "c" * 20, "r" * 4)
+    single = {**ranked("x", "y", "z"), "response": [{"role": "assistant", "content": "y"}]}
+    out = pairwise_batch(TOK, EMPTY, [long, single], ProcessorOptions(cutoff_len=10))
+    assert out.columns["chosen_input_ids"] == [TOK.encode("q" * 5 + "c" * 5)]
+    assert out.columns["rejected_input_ids"] == [TOK.encode("q" * 5 + "r" * 4)]
+    assert out.truncated == 1 and sum(out.dropped.values()) == 1
+
+
+def tagged(question, answer, tag):
+    return {**example([{"role": "user", "content": question}, {"role": "assistant", "content": answer}]),
+            "tools": "", "kto_tag": tag}  # fmt: skip
+
+
+def test_feedback_pairs_each_prompt_with_the_previous_answer_for_kl():
+    out = feedback_batch(TOK, EMPTY, [tagged("a", "1", True), tagged("b", "2", False), tagged("c", "3", True)],
+                         ProcessorOptions(100))  # fmt: skip
+    assert [TOK.decode_ids(ids) for ids in out.columns["input_ids"]] == ["a1", "b2", "c3"]
+    assert [TOK.decode_ids(ids) for ids in out.columns["kl_input_ids"]] == ["a3", "b1", "c2"]
+    assert out.columns["kto_tags"] == [True, False, True]
+    assert out.columns["labels"][0] == [IGNORE_INDEX, TOK.encode("1")[0]]
+
+
+def test_unsupervised_prompt_ends_ready_and_labels_hold_the_reference():
+    conversation = example(CONVERSATION)
+    out = unsupervised_batch(TOK, get_template("default"), [conversation], ProcessorOptions(1000))
+    assert TOK.decode_ids(out.columns["input_ids"][0]) == "Human: hi</s>\nAssistant:yo</s>\nHuman: 2+2?</s>\nAssistant:"
+    assert TOK.decode_ids(out.columns["labels"][0]) == "4</s>\n"
+
+
+@pytest.mark.parametrize(("stage", "name"), [("pt", "pretrain"), ("sft", "supervised"), ("rm", "pairwise"),
+                                             ("dpo", "pairwise"), ("kto", "feedback"), ("ppo", "unsupervised")])  # fmt: skip
+def test_each_stage_has_its_processor(stage, name):
+    assert processor_name(stage) == name

@@ -1,0 +1,62 @@
+"""Run storage and the tokenized cache on a real S3-compatible server (moto, on loopback), through pyarrow."""
+
+from __future__ import annotations
+
+import pytest
+
+from orchestrator.config import validate_config
+from orchestrator.errors import PlanError
+from orchestrator.launch import prepare_only, train
+from tests.conftest import free_port
+
+BUCKET = "loom-runs"
+
+
+@pytest.fixture(scope="module")
+def s3():
+    boto3 = pytest.importorskip("boto3")
+    server_module = pytest.importorskip("moto.server")
+    port = free_port()
+    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}")
+    client.create_bucket(Bucket=BUCKET)
+    try:
+        yield client, f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+def keys(client, prefix: str) -> set[str]:
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+    return {item["Key"][len(prefix) :] for page in pages for item in page.get("Contents", [])}
+
+
+def test_checkpoints_land_in_s3_and_a_finished_run_is_recognised(ray_cluster, train_config, s3):
+    client, endpoint = s3
+    raw = train_config(ray_storage_path=f"s3://{BUCKET}/saves", ray_storage_endpoint=endpoint, max_steps=4,
+                       save_steps=2, finetuning_type="lora", lora_rank=4)  # fmt: skip
+    outcome = train(validate_config(raw), source="test", address=ray_cluster.gcs_address)
+    stored = keys(client, "saves/test-run/")
+    assert {"checkpoint-000002/loom_checkpoint.json", "checkpoint-000004/loom_checkpoint.json",
+            "checkpoint-000004/trainer_state.json", "checkpoint_manager_snapshot.json"} <= stored  # fmt: skip
+    assert outcome.checkpoint.endswith("saves/test-run/checkpoint-000004")
+    with pytest.raises(PlanError, match="already finished"):
+        train(validate_config(raw), source="test", address=ray_cluster.gcs_address)
+
+
+def test_tokenized_cache_on_s3(ray_cluster, tiny_model, s3, tmp_path):
+    client, endpoint = s3
+    host = endpoint.removeprefix("http://")
+    from tests.helpers import DEMO_DATA
+
+    cfg = validate_config({"model_name_or_path": tiny_model, "dataset": "loom_demo_sft", "dataset_dir": str(DEMO_DATA),
+                           "template": "default", "cutoff_len": 64, "resources_per_worker": {"CPU": 1},
+                           "tokenized_path": f"s3://{BUCKET}/tokenized?endpoint_override={host}&scheme=http"},
+                          training=False)  # fmt: skip
+    first = prepare_only(cfg, source="test", address=ray_cluster.gcs_address)
+    assert first.summary["cache"].startswith("wrote")
+    stored = keys(client, "tokenized/")
+    assert "loom_cache.json" in stored and any(k.endswith(".parquet") and "/train/" in k for k in stored)
+    again = prepare_only(cfg, source="test", address=ray_cluster.gcs_address)
+    assert again.summary["cache"].startswith("reused") and again.summary["train_examples"] == 300
