@@ -26,7 +26,7 @@ from .processors import PROCESSORS, ProcessorOptions, id_columns, processor_name
 from .readers import read_dataset
 from .registry import DatasetSpec
 from .templates import resolve_template
-from .tokenizer import TokenizerSpec, load_tokenizer
+from .tokenizer import TokenizerSpec, for_data, load_tokenizer
 
 logger = logging.getLogger("loom.data")
 
@@ -88,7 +88,7 @@ class TokenizeJob:
 
 def tokenize_batch(batch: pa.Table, *, spec: DatasetSpec, job: TokenizeJob) -> pa.Table:
     """One Ray Data batch: raw rows -> canonical examples -> token ids, plus one bookkeeping row."""
-    tokenizer = load_tokenizer(job.tokenizer)
+    tokenizer = for_data(load_tokenizer(job.tokenizer))
     template = resolve_template(job.tokenizer.template, tool_format=job.tool_format,
                                 default_system=job.default_system)  # fmt: skip
     examples = [convert(row, spec, job.stage) for row in batch.to_pylist()]
@@ -131,6 +131,9 @@ def tokenize_dataset(spec: DatasetSpec, job: TokenizeJob, cfg: Any) -> ray.data.
         compute=ray.data.TaskPoolStrategy(size=cfg.preprocessing_num_workers)
         if cfg.preprocessing_num_workers
         else None,
+        # SPREAD puts tokenizing on every node, and (being different from the reader's options) keeps Ray from
+        # fusing it into the reading tasks, which would bundle every part of a file into one task.
+        scheduling_strategy="SPREAD",
     )
 
 

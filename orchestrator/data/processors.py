@@ -82,6 +82,7 @@ def supervised_example(tokenizer: Any, template: Template, example: dict, opts: 
     input_ids: list[int] = []
     labels: list[int] = []
     total = 1 if template.efficient_eos else 0
+    untruncated = total + sum(len(source) + len(target) for source, target in turns)
     if opts.mask_history:
         turns = turns[::-1]  # the last turn has priority for the budget
     for turn_index, (source, target) in enumerate(turns):
@@ -106,12 +107,7 @@ def supervised_example(tokenizer: Any, template: Template, example: dict, opts: 
     if template.efficient_eos:
         input_ids.append(tokenizer.eos_token_id)
         labels.append(tokenizer.eos_token_id)
-    return {"input_ids": input_ids, "labels": labels}
-
-
-def _full_length(tokenizer: Any, template: Template, example: dict) -> int:
-    turns = _encode(tokenizer, template, example, example["prompt"] + example["response"])
-    return sum(len(s) + len(t) for s, t in turns) + (1 if template.efficient_eos else 0)
+    return {"input_ids": input_ids, "labels": labels, "truncated": len(input_ids) < untruncated}
 
 
 def _valid(examples: list[dict], responses: int | None, out: Processed) -> list[dict]:
@@ -131,7 +127,7 @@ def supervised_batch(tokenizer: Any, template: Template, examples: list[dict], o
     out = Processed({"input_ids": [], "labels": []})
     for example in _valid(examples, 1, out):
         encoded = supervised_example(tokenizer, template, example, opts)
-        out.truncated += _full_length(tokenizer, template, example) > len(encoded["input_ids"])
+        out.truncated += encoded["truncated"]
         out.columns["input_ids"].append(encoded["input_ids"])
         out.columns["labels"].append(encoded["labels"])
     return out
@@ -168,7 +164,7 @@ def packed_supervised_batch(
         if length > opts.cutoff_len:
             out.dropped[f"longer than cutoff_len ({opts.cutoff_len}) for packing"] += 1
             continue
-        out.truncated += _full_length(tokenizer, template, example) > length
+        out.truncated += encoded["truncated"]
         by_length.setdefault(length, []).append(encoded)
     for knapsack in greedy_knapsack([n for n, group in by_length.items() for _ in group], opts.cutoff_len):
         block = {name: [] for name in out.columns}
@@ -240,7 +236,9 @@ def unsupervised_batch(tokenizer: Any, template: Template, examples: list[dict],
 
 
 def _encode_texts(tokenizer: Any, texts: list[str]) -> list[list[int]]:
-    if callable(tokenizer):  # a Hugging Face tokenizer encodes a whole batch at once, in Rust
+    if hasattr(tokenizer, "encode_many"):  # the Rust backend encodes a whole batch at once
+        return tokenizer.encode_many(texts)
+    if callable(tokenizer):
         return tokenizer(texts, add_special_tokens=False)["input_ids"]
     return [tokenizer.encode(text, add_special_tokens=False) for text in texts]
 

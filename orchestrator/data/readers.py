@@ -29,7 +29,9 @@ from .formats import parse_row
 from .registry import ROW_COLUMN, DatasetSpec, HubSource
 
 CHUNK_ROWS = 4096
-BYTES_PER_PART = 16 * 2**20  # reading and tokenizing work per Ray task
+BYTES_PER_PART = 16 * 2**20  # reading and tokenizing work per Ray task, at most
+MIN_PART_BYTES = 2**20
+PARTS_PER_FILE = 8
 SPLITTABLE = ("json", "text")  # types read in parts: JSON lines and text (a JSON array is read whole)
 PART_COLUMN, LINE_COLUMN, POSITION_COLUMN = "_loom_part", "_loom_line", "_loom_position"
 
@@ -85,15 +87,23 @@ def _reason(error: BaseException) -> str:
 # ---- files --------------------------------------------------------------------------------------------------------
 
 
-def file_parts(spec: DatasetSpec, part_bytes: int = BYTES_PER_PART) -> list[dict]:
+def part_size(file_bytes: int) -> int:
+    """Bytes per reading task for a file: at most BYTES_PER_PART, and small enough that a mid-sized file still
+    spreads over PARTS_PER_FILE tasks. It depends on the file alone, never on the cluster, so the same data always
+    splits the same way (packing and KTO pairing work within batches, which must not move between clusters)."""
+    return max(MIN_PART_BYTES, min(BYTES_PER_PART, -(-file_bytes // PARTS_PER_FILE)))
+
+
+def file_parts(spec: DatasetSpec, part_bytes: int | None = None) -> list[dict]:
     """What each reading task reads: a whole file, or (JSON lines, text) a byte range [start, end) of one."""
     parts = []
     for path in spec.files:
         size = os.path.getsize(path) if spec.file_type in SPLITTABLE else 0
-        if size <= part_bytes:
+        step = part_bytes or part_size(size)
+        if size <= step:
             parts.append({"path": path, "start": 0, "end": -1})
         else:
-            parts += [{"path": path, "start": start, "end": start + part_bytes} for start in range(0, size, part_bytes)]
+            parts += [{"path": path, "start": start, "end": start + step} for start in range(0, size, step)]
     return [{**part, "part": index} for index, part in enumerate(parts)]
 
 

@@ -32,15 +32,29 @@ def keys(client, prefix: str) -> set[str]:
     return {item["Key"][len(prefix) :] for page in pages for item in page.get("Contents", [])}
 
 
-def test_checkpoints_land_in_s3_and_a_finished_run_is_recognised(ray_cluster, train_config, s3):
+def test_pretraining_on_s3_storage_packs_text_learns_and_is_recognised_finished(
+    ray_cluster, train_config, tiny_model, s3
+):
+    """One pt run: packing, learning, checkpoints in an S3-compatible bucket, and the finished run refused."""
+    from tests.ray.test_train import assert_loss_went_down, logged
+
     client, endpoint = s3
-    raw = train_config(ray_storage_path=f"s3://{BUCKET}/saves", ray_storage_endpoint=endpoint, max_steps=4,
-                       save_steps=2, finetuning_type="lora", lora_rank=4)  # fmt: skip
+    raw = train_config(stage="pt", dataset="loom_demo_pt", template=None, finetuning_type="lora", cutoff_len=64,
+                       max_samples=None, gradient_accumulation_steps=2, ray_storage_path=f"s3://{BUCKET}/saves",
+                       ray_storage_endpoint=endpoint)  # fmt: skip
     outcome = train(validate_config(raw), source="test", address=ray_cluster.gcs_address)
+    assert_loss_went_down(logged(outcome.output_dir))
+    assert outcome.plan.schedule.total_steps == 8
+    # packed blocks are exactly cutoff_len long: tokens per example == 64
+    assert outcome.data_summary["train_tokens"] == 64 * outcome.data_summary["train_examples"]
     stored = keys(client, "saves/test-run/")
-    assert {"checkpoint-000002/loom_checkpoint.json", "checkpoint-000004/loom_checkpoint.json",
-            "checkpoint-000004/trainer_state.json", "checkpoint_manager_snapshot.json"} <= stored  # fmt: skip
-    assert outcome.checkpoint.endswith("saves/test-run/checkpoint-000004")
+    assert {"checkpoint-000004/loom_checkpoint.json", "checkpoint-000008/loom_checkpoint.json",
+            "checkpoint-000008/trainer_state.json", "checkpoint_manager_snapshot.json"} <= stored  # fmt: skip
+    assert outcome.checkpoint.endswith("saves/test-run/checkpoint-000008")
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    assert PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), outcome.output_dir) is not None
     with pytest.raises(PlanError, match="already finished"):
         train(validate_config(raw), source="test", address=ray_cluster.gcs_address)
 

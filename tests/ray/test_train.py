@@ -96,20 +96,6 @@ def test_sft_full_with_validation_split(ray_cluster, train_config):
     assert AutoModelForCausalLM.from_pretrained(outcome.output_dir) is not None
 
 
-def test_pretraining_packs_text_and_learns(ray_cluster, train_config, tiny_model):
-    raw = train_config(stage="pt", dataset="loom_demo_pt", template=None, finetuning_type="lora", cutoff_len=64,
-                       max_samples=None, gradient_accumulation_steps=2)  # fmt: skip
-    outcome = run(raw, ray_cluster)
-    assert_loss_went_down(logged(outcome.output_dir))
-    assert outcome.plan.schedule.total_steps == 8
-    # packed blocks are exactly cutoff_len long: tokens per example == 64
-    assert outcome.data_summary["train_tokens"] == 64 * outcome.data_summary["train_examples"]
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    assert PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), outcome.output_dir) is not None
-
-
 def test_unplaceable_bundles_fail_fast(ray_cluster, train_config):
     with pytest.raises(PlanError, match=r"2 bundles of \{GPU: 1\} requested: needs 2 GPU, cluster has 0 GPU"):
         run(train_config(resources_per_worker={"GPU": 1}), ray_cluster)

@@ -111,3 +111,38 @@ def test_c4_demo_packs_for_pretraining(tokenizer):
 def test_unknown_names_suggest_a_close_one():
     _, problems = resolve_datasets(["alpaca_en_dmeo"], str(LLAMAFACTORY_DATA))
     assert any("did you mean 'alpaca_en_demo'" in p.message for p in problems)
+
+
+@pytest.mark.parametrize(
+    ("name", "stage", "processor", "template"),
+    [("dpo_en_demo", "dpo", "pairwise", "llama3"), ("kto_en_demo", "kto", "feedback", "qwen"),
+     ("glaive_toolcall_en_demo", "sft", "supervised", "qwen"), ("glaive_toolcall_en_demo", "sft", "supervised",
+     "default")],
+)  # fmt: skip
+def test_preference_and_tool_sets_tokenize_with_their_processor(name, stage, processor, template, tokenizer):
+    from orchestrator.data.processors import IGNORE_INDEX, PROCESSORS, id_columns
+    from orchestrator.data.templates import resolve_template
+
+    spec = resolve(name, stage)
+    examples = [convert(row, spec, stage) for row in rows(spec, 64)]
+    tok = copy_with_template_tokens(tokenizer, template)
+    out = PROCESSORS[processor](tok, resolve_template(template), examples, ProcessorOptions(cutoff_len=512))
+    assert not out.dropped
+    columns = id_columns(processor, False)
+    assert all(len(out.columns[c]) == len(examples) for c in columns)
+    label_columns = [c for c in columns if c.endswith("labels")]
+    assert all(any(t != IGNORE_INDEX for t in labels) for c in label_columns for labels in out.columns[c])
+    if processor == "feedback":
+        assert set(out.columns["kto_tags"]) == {True, False}
+
+
+def copy_with_template_tokens(tokenizer, template: str):
+    """The tiny tokenizer plus the chat tokens a template spells (a real model's tokenizer has them)."""
+    import copy
+
+    from orchestrator.data.templates import get_template
+
+    tok = copy.deepcopy(tokenizer)
+    words = [w for w in get_template(template).stop_words if tok.convert_tokens_to_ids(w) in (None, tok.unk_token_id)]
+    tok.add_tokens(words + ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>"], special_tokens=True)
+    return tok

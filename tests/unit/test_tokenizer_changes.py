@@ -35,3 +35,16 @@ def test_split_special_tokens_spells_them_out(tiny_model):
     text = f"hi{whole.eos_token}"
     assert whole.eos_token_id in whole.encode(text, add_special_tokens=False)
     assert split.eos_token_id not in split.encode(text, add_special_tokens=False)
+
+
+def test_the_fast_data_view_gives_the_same_ids(tiny_model):
+    from orchestrator.data.tokenizer import for_data
+
+    for split in (False, True):
+        tokenizer = load_tokenizer(TokenizerSpec.from_config(tiny_config(tiny_model, split_special_tokens=split)))
+        fast = for_data(tokenizer)
+        texts = ["Human: hi</s>\nAssistant:", f"a{tokenizer.eos_token}b  c\n\n", "", "ünïcode 和 emoji 🙂"]
+        for text in texts:
+            assert fast.encode(text, add_special_tokens=False) == tokenizer.encode(text, add_special_tokens=False)
+        assert fast.encode_many(texts) == [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+        assert fast.eos_token_id == tokenizer.eos_token_id
