@@ -57,7 +57,7 @@ class RunPlan:
     save_strategy: str
     datasets: tuple[str, ...] = ()
     schedule: Schedule | None = None
-    storage_shared: bool = False  # ray_storage_shared: every node mounts the local storage path and output_dir
+    storage_shared: bool = False  # every node reaches the storage path (ray_storage_shared, or a user's filesystem)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -177,7 +177,7 @@ def make_plan(cfg: Any, base_dir: str | None = None, train_rows: int | None = No
         save_strategy=cfg.save_strategy,
         datasets=tuple(cfg.dataset_names()),
         schedule=make_schedule(cfg, train_rows) if train_rows is not None or streaming else None,
-        storage_shared=cfg.ray_storage_shared,
+        storage_shared=cfg.ray_storage_shared or bool(cfg.ray_storage_filesystem),  # a user's filesystem: not local
     )
 
 
@@ -226,8 +226,9 @@ def storage_problems(plan: RunPlan, nodes: list[dict[str, float]], driver_node: 
     where = f"{hosts} can hold a worker" + (", plus the driver's" if driver_apart else "")
     return [
         f"ray_storage_path {plan.storage_path!r} is a local path, but this run spans {spanned} nodes ({where}): "
-        "each would write checkpoints to its own disk and a restart or resume would miss them. Use a URI every node reaches (s3://..., gs://...), or, if every node mounts this path (NFS, a shared "
-        "volume) and output_dir too, set ray_storage_shared: true."
+        "each would write checkpoints to its own disk and a restart or resume would miss them. Use a URI every "
+        "node reaches (s3://..., gs://...), or, if every node mounts this path and output_dir (NFS, a shared "
+        "volume), set ray_storage_shared: true."
     ]
 
 

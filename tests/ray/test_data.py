@@ -12,6 +12,7 @@ import pytest
 from orchestrator.config import validate_config
 from orchestrator.errors import DataError
 from orchestrator.launch import prepare_only
+from tests.helpers import LLAMAFACTORY_DATA
 
 
 def write_rows(path, rows: int, tag: str) -> None:
@@ -138,3 +139,17 @@ def test_a_million_rows_stream_through_with_flat_driver_memory(ray_cluster, tiny
     token_bytes = summary["train_tokens"] * 4 * 2  # input_ids and labels as int32
     assert token_bytes > 200 * 2**20  # the prepared data is far larger than what the driver may grow by
     assert peak[0] - baseline < 100 * 2**20, (peak[0] - baseline) / 2**20
+
+
+@pytest.mark.skipif(not LLAMAFACTORY_DATA.is_dir(), reason="../shared/data/llamafactory is absent")
+@pytest.mark.parametrize(("stage", "dataset", "columns"), [
+    ("dpo", "dpo_en_demo", {"chosen_input_ids", "rejected_labels"}),
+    ("kto", "kto_en_demo", {"kl_input_ids", "kto_tags"}),
+])  # fmt: skip
+def test_preference_data_prepares_through_ray(ray_cluster, tiny_model, stage, dataset, columns):
+    cfg = validate_config({"model_name_or_path": tiny_model, "stage": stage, "dataset": dataset, "max_samples": 40,
+                           "dataset_dir": str(LLAMAFACTORY_DATA), "template": "default", "cutoff_len": 128,
+                           "resources_per_worker": {"CPU": 1}}, training=False)  # fmt: skip
+    outcome = prepare(ray_cluster, cfg)
+    assert outcome.summary["train_examples"] == 40 and outcome.summary["rows_dropped"] == 0
+    assert columns <= set(outcome.example)

@@ -180,3 +180,6 @@ def test_local_storage_on_several_nodes_must_be_declared_shared(cfg_of, storage,
 def test_declaring_storage_shared_keeps_the_derived_run_name(cfg_of):
     assert derive_run_name(cfg_of()) == derive_run_name(cfg_of(ray_storage_shared=True))
     assert make_plan(cfg_of(ray_storage_shared=True), "/b").storage_shared is True
+    assert make_plan(cfg_of(), "/b").storage_shared is False
+    built = cfg_of(ray_storage_filesystem="pyarrow.fs:LocalFileSystem", ray_storage_path="bucket/runs")
+    assert make_plan(built, "/b").storage_shared is True  # a filesystem the user builds is not this node's disk
