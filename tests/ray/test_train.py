@@ -70,8 +70,8 @@ def test_sft_lora_trains_saves_an_adapter_and_refuses_to_overwrite(ray_cluster, 
 
 
 def test_sft_freeze_with_neat_packing_changes_only_the_trainable_layers(ray_cluster, train_config, tiny_model):
-    raw = train_config(finetuning_type="freeze", freeze_trainable_layers=1, learning_rate=1e-3, packing=True,
-                       neat_packing=True, per_device_train_batch_size=2)  # fmt: skip
+    raw = train_config(finetuning_type="freeze", freeze_trainable_layers=1, learning_rate=5e-3, packing=True,
+                       neat_packing=True)  # fmt: skip
     outcome = run(raw, ray_cluster)
     assert_loss_went_down(logged(outcome.output_dir))
     assert outcome.data_summary["train_examples"] < 128 and 0.8 < outcome.data_summary["block_fill"] <= 1
@@ -143,3 +143,22 @@ def test_prepared_split_and_order_are_reproducible(ray_cluster, train_config):
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path)
     assert tokenizer.decode(rows(in_order.train)[0]).startswith("Human: What is Loom?")  # the file's first row
+
+
+def test_streaming_sft_with_one_evaluation_per_dataset(ray_cluster, train_config, tmp_path):
+    """The training set is never materialized: workers read it as it is tokenized; each eval set reports its loss."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for name, rows in (("train.jsonl", 200), ("held_a.jsonl", 8), ("held_b.jsonl", 6)):
+        with open(data / name, "w") as handle:
+            for i in range(rows):
+                handle.write(json.dumps({"instruction": f"{name} {i}", "output": f"answer {i}"}) + "\n")
+    raw = train_config(dataset="train.jsonl", dataset_dir=str(data), max_samples=None, streaming=True,
+                       buffer_size=64, eval_dataset="held_a.jsonl,held_b.jsonl", eval_on_each_dataset=True,
+                       do_eval=True, max_steps=4, save_steps=4)  # fmt: skip
+    outcome = run(raw, ray_cluster)
+    assert outcome.data_summary["streaming"] is True and outcome.data_summary["train_examples"] is None
+    assert outcome.plan.schedule.train_rows is None and outcome.plan.schedule.total_steps == 4
+    records = logged(outcome.output_dir)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert {"eval_held_a.jsonl_loss", "eval_held_b.jsonl_loss"} <= set(records[-1])
