@@ -21,7 +21,8 @@ def mixed_positions(sizes: list[int], probs: list[float] | None, seed: int, stra
     oversample = strategy == "interleave_over"
     if probs is None:
         rounds = max(sizes) if oversample else min(sizes)
-        return [np.arange(rounds) * len(sizes) + index for index in range(len(sizes))]
+        # an empty dataset has nothing to repeat: it contributes no rows (and leaves gaps the sort closes)
+        return [np.arange(rounds if size else 0) * len(sizes) + index for index, size in enumerate(sizes)]
     return _sampled_positions(sizes, probs, seed, oversample)
 
 
@@ -35,6 +36,8 @@ def _sampled_positions(sizes: list[int], probs: list[float], seed: int, oversamp
         for source in rng.choice(len(sizes), size=1000, p=probs):
             if all(exhausted) if oversample else any(exhausted):
                 break
+            if not sizes[source]:
+                continue
             positions[source].append(position)
             position += 1
             taken[source] += 1

@@ -41,3 +41,9 @@ def test_probability_problems():
     assert any("2 values for 3 datasets" in p for p in probability_problems("0.5,0.5", 3, "interleave_under"))
     assert any("sum to 1" in p for p in probability_problems("0.5,0.6", 2, "interleave_under"))
     assert "comma-separated numbers" in probability_problems("a,b", 2, "interleave_over")[0]
+
+
+def test_an_empty_dataset_contributes_nothing_even_when_oversampling():
+    assert [len(p) for p in mixed_positions([0, 3], None, 0, "interleave_over")] == [0, 3]
+    assert [len(p) for p in mixed_positions([0, 3], None, 0, "interleave_under")] == [0, 0]
+    assert [len(p) for p in mixed_positions([0, 3], [0.5, 0.5], 0, "interleave_over")] == [0, 3]
