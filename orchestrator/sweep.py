@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .config.loader import read_config_file, validate_config
+from .config.loader import dedupe, read_config_file, validate_config
 from .config.optimizers import OptimizerArgs
 from .config.schema import LoomConfig
 from .errors import ConfigError, Problem
@@ -193,7 +193,7 @@ def validate_sweep(
         base = {**base, **overrides}
     space = _parse_space(known.get("search_space"), args.search_alg if args else "random", problems, bad)
     if args is None or base is None or space is None:  # the keys that parsed are still checked below
-        raise ConfigError(_dedupe(problems) or [Problem("sweep", "cannot be read")], source=source)
+        raise ConfigError(dedupe(problems) or [Problem("sweep", "cannot be read")], source=source)
 
     configs = _check_probes(base, space, base_source, problems)
     metric = METRIC_ALIASES[args.metric]
@@ -203,7 +203,7 @@ def validate_sweep(
             problems.append(Problem("metric", _with(overrides_, message)))
     asha = _asha_arguments(args, [cfg for _, cfg in configs], problems) if configs else None
     if problems:
-        raise ConfigError(_dedupe(problems), source=source)
+        raise ConfigError(dedupe(problems), source=source)
     name = args.name or default_name or "loom-tune-" + _digest({"base": base, "space": known.get("search_space")})
     if "/" in name or name in (".", ".."):
         raise ConfigError([Problem("name", f"given {name!r}; a folder name without '/'")], source=source)
@@ -408,15 +408,6 @@ def _with(overrides: dict[str, Any], message: str) -> str:
     if not overrides:
         return message
     return "with " + ", ".join(f"{k}={v!r}" for k, v in overrides.items()) + ": " + message
-
-
-def _dedupe(problems: list[Problem]) -> list[Problem]:
-    seen, unique = set(), []
-    for problem in problems:
-        if problem.key not in seen:
-            seen.add(problem.key)
-            unique.append(problem)
-    return unique
 
 
 # --- every report must carry the metric ---------------------------------------------------------------------------

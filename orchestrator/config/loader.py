@@ -98,11 +98,11 @@ def validate_config(
     later = cross_field_problems(cfg, training) + support_problems(cfg)
     problems += [p for p in later if p.key not in bad_keys]
     if problems:
-        raise ConfigError(_dedupe(problems), source=source)
+        raise ConfigError(dedupe(problems), source=source)
     return cfg
 
 
-def _dedupe(problems: list[Problem]) -> list[Problem]:
+def dedupe(problems: list[Problem]) -> list[Problem]:
     seen, unique = set(), []
     for problem in problems:
         if problem.key not in seen:

@@ -231,6 +231,17 @@ def split_validation(ds: ray.data.Dataset, val_size: float) -> tuple[ray.data.Da
     return train.materialize(), evaluation.materialize()
 
 
+def evaluation_sets(cfg: Any, eval_specs: list[DatasetSpec] | None, eval_tokenized: list[ray.data.Dataset],
+                    job: TokenizeJob) -> dict[str, ray.data.Dataset]:  # fmt: skip
+    """The eval_dataset sets: one per dataset (eval_on_each_dataset), or mixed into one "eval"; {} without any."""
+    if not eval_tokenized:
+        return {}
+    if cfg.eval_on_each_dataset:
+        return {f"eval_{spec.name}": examples_only(part).drop_columns(["stats"]).materialize()
+                for spec, part in zip(eval_specs, eval_tokenized, strict=True)}  # fmt: skip
+    return {"eval": mix([examples_only(p) for p in eval_tokenized], cfg, job).drop_columns(["stats"]).materialize()}
+
+
 def build_datasets(cfg: Any, specs: list[DatasetSpec], eval_specs: list[DatasetSpec] | None = None) -> PreparedData:
     """Tokenized train (and evaluation) datasets, materialized in the object store, not on the driver."""
     job = TokenizeJob.from_config(cfg)
@@ -242,15 +253,8 @@ def build_datasets(cfg: Any, specs: list[DatasetSpec], eval_specs: list[DatasetS
     ds = mix([examples_only(part) for part in tokenized], cfg, job)
     if not cfg.disable_shuffling:
         ds = ds.sort("order")
-    train, evals = ds.drop_columns(["stats"]).materialize(), {}
-    if eval_tokenized and cfg.eval_on_each_dataset:
-        evals = {f"eval_{spec.name}": examples_only(part).drop_columns(["stats"]).materialize()
-                 for spec, part in zip(eval_specs, eval_tokenized, strict=True)}  # fmt: skip
-    elif eval_tokenized:
-        evals = {
-            "eval": mix([examples_only(p) for p in eval_tokenized], cfg, job).drop_columns(["stats"]).materialize()
-        }
-    elif cfg.val_size > 0:
+    train, evals = ds.drop_columns(["stats"]).materialize(), evaluation_sets(cfg, eval_specs, eval_tokenized, job)
+    if not evals and cfg.val_size > 0:
         train, evals["eval"] = split_validation(train, cfg.val_size)
     stats = collect_stats(tokenized + eval_tokenized)
     return PreparedData(train, evals, summarize(train, evals, stats, job))
@@ -262,14 +266,7 @@ def streamed_datasets(cfg: Any, specs: list[DatasetSpec], eval_specs: list[Datas
     Workers shuffle it through a buffer of `buffer_size` rows; evaluation sets are small and materialized."""
     parts = [examples_only(tokenize_dataset(spec, job, cfg)) for spec in specs]
     train = (parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]).drop_columns(["stats"])
-    evals = {}
-    if eval_tokenized and cfg.eval_on_each_dataset:
-        evals = {f"eval_{spec.name}": examples_only(part).drop_columns(["stats"]).materialize()
-                 for spec, part in zip(eval_specs, eval_tokenized, strict=True)}  # fmt: skip
-    elif eval_tokenized:
-        evals = {
-            "eval": mix([examples_only(p) for p in eval_tokenized], cfg, job).drop_columns(["stats"]).materialize()
-        }
+    evals = evaluation_sets(cfg, eval_specs, eval_tokenized, job)
     summary = {"streaming": True, "train_examples": None, **{f"{n}_examples": d.count() for n, d in evals.items()}}
     return PreparedData(train, evals, summary)
 
