@@ -9,6 +9,8 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .parallelism import describe_sharding
+
 RUN_MARKER = "loom_run.json"  # written by rank 0 into output_dir: status running/finished, read by the driver
 
 # Keys that do not change what is trained: they never change the derived run name.
@@ -20,6 +22,8 @@ _NAME_NEUTRAL = {
     "print_param_status",
     "disable_tqdm",
     "ray_storage_shared",
+    "ray_resize_interval_s",
+    "ray_upload_retries",
 }
 
 
@@ -58,6 +62,22 @@ class RunPlan:
     datasets: tuple[str, ...] = ()
     schedule: Schedule | None = None
     storage_shared: bool = False  # every node reaches the storage path (ray_storage_shared, or a user's filesystem)
+    sharding: str = ""  # how the workers share the model (DDP, DeepSpeed ZeRO-n, FSDP2)
+    min_workers: int = 0  # elastic: the fewest workers the run continues with (0: fixed at num_workers)
+    resize_interval_s: float = 60.0
+
+    @property
+    def elastic(self) -> bool:
+        return 0 < self.min_workers < self.num_workers
+
+    def _elastic_line(self) -> str:
+        steps = [f"{n} x {self.accumulation_at(n)} acc = {n * self.per_device_batch_size * self.accumulation_at(n)}"
+                 for n in range(self.min_workers, self.num_workers + 1)]  # fmt: skip
+        return f"elastic       {self.min_workers}-{self.num_workers} workers; examples per step: {', '.join(steps)}"
+
+    def accumulation_at(self, world_size: int) -> int:
+        """Gradient accumulation that keeps the global batch with `world_size` workers (elastic runs)."""
+        return accumulation_for(self.global_batch_size, self.per_device_batch_size, world_size)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -72,8 +92,11 @@ class RunPlan:
             f"  ({'GPU' if self.use_gpu else 'CPU'} training)",
             f"batch         {self.per_device_batch_size} per worker x {self.gradient_accumulation_steps} accumulation"
             f" x {self.num_workers} workers = {self.global_batch_size} examples per step",
+            f"sharding      {self.sharding}",
             f"retries       {self.max_failures}   checkpoints kept: {self.checkpoints_to_keep or 'all'}",
         ]
+        if self.elastic:
+            lines.insert(5, self._elastic_line())
         if self.datasets:
             lines.append(f"datasets      {', '.join(self.datasets)}")
         s = self.schedule
@@ -90,6 +113,11 @@ class RunPlan:
         else:
             lines.append("steps         known once the dataset is read (run `loom data` or `loom train`)")
         return "\n".join(lines)
+
+
+def accumulation_for(global_batch: int, per_device: int, world_size: int) -> int:
+    """The accumulation steps closest to `global_batch` examples per step (exact when it divides)."""
+    return max(1, round(global_batch / (per_device * world_size)))
 
 
 def is_uri(path: str) -> bool:
@@ -178,6 +206,9 @@ def make_plan(cfg: Any, base_dir: str | None = None, train_rows: int | None = No
         datasets=tuple(cfg.dataset_names()),
         schedule=make_schedule(cfg, train_rows) if train_rows is not None or streaming else None,
         storage_shared=cfg.ray_storage_shared or bool(cfg.ray_storage_filesystem),  # a user's filesystem: not local
+        sharding=describe_sharding(cfg),
+        min_workers=cfg.min_workers() if cfg.is_elastic() else 0,
+        resize_interval_s=cfg.ray_resize_interval_s,
     )
 
 
@@ -187,7 +218,7 @@ def _fmt(resources: dict[str, float]) -> str:
 
 def placement_problems(plan: RunPlan, nodes: list[dict[str, float]]) -> list[str]:
     """Why the plan's bundles cannot be placed on a cluster whose alive nodes have these total resources."""
-    bundle, count = plan.resources_per_worker, plan.num_workers
+    bundle, count = plan.resources_per_worker, plan.min_workers or plan.num_workers  # elastic: enough to start
     wanted = f"{count} bundle{'s' if count != 1 else ''} of {_fmt(bundle)}"
     problems = []
     for resource, amount in sorted(bundle.items()):
@@ -254,6 +285,11 @@ def with_absolute_paths(cfg: Any, base_dir: str | None = None) -> Any:
         candidate = resolve_path(value, base_dir)
         if key in ("output_dir", "ray_storage_path", "cache_dir") or os.path.exists(candidate):
             update[key] = candidate
+    for key in ("deepspeed", "fsdp_config"):  # JSON files travel as their content: workers run elsewhere
+        value = getattr(cfg, key)
+        if isinstance(value, str) and os.path.isfile(resolve_path(value, base_dir)):
+            with open(resolve_path(value, base_dir), encoding="utf-8") as handle:
+                update[key] = json.load(handle)
     adapters = [a.strip() for a in (cfg.adapter_name_or_path or "").split(",") if a.strip()]
     if adapters:
         update["adapter_name_or_path"] = ",".join(

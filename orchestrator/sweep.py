@@ -47,7 +47,8 @@ TRAINING_ONLY_KEYS = frozenset(OptimizerArgs.model_fields) | {
     "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "num_train_epochs", "max_steps",
     "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_ratio", "warmup_steps", "optim", "logging_steps",
     "save_steps", "save_total_limit", "eval_steps", "bf16", "fp16", "gradient_checkpointing", "neftune_noise_alpha",
-    "ray_num_workers", "resources_per_worker", "placement_strategy", "ray_max_failures",
+    "ray_num_workers", "resources_per_worker", "placement_strategy", "ray_max_failures", "ray_upload_retries",
+    "ray_min_workers", "ray_resize_interval_s", "deepspeed", "fsdp", "fsdp_config",
 }  # fmt: skip
 METRIC_ALIASES = {"loss": "loss", "train_loss": "loss", "eval_loss": "eval_loss"}
 EXHAUSTIVE_PROBES = 64  # check every combination of probe values up to this many; one key at a time beyond

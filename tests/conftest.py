@@ -29,6 +29,34 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+BUCKET = "loom-runs"
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A real S3-compatible server (moto) on loopback with one bucket: (boto3 client, endpoint URL)."""
+    boto3 = pytest.importorskip("boto3")
+    server_module = pytest.importorskip("moto.server")
+    port = free_port()
+    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}")
+    client.create_bucket(Bucket=BUCKET)
+    try:
+        yield client, f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    """A folder that passes the model-path check (config.json present); no weights needed for validation."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    return str(folder)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
     from orchestrator.tiny import build_tiny_model

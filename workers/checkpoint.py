@@ -1,4 +1,5 @@
-"""Checkpoint folders: model or adapter, optimizer, scheduler, RNG, step and data position, manifest last.
+"""Checkpoint folders: model or adapter, optimizer (one file, or one shard per rank), scheduler, RNG, step and data
+position, manifest last.
 
 A folder without a complete manifest is never restored from: the manifest is written after every other file and
 lists each one with its size.
@@ -9,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -27,6 +28,14 @@ class TrainState:
     tokens_seen: int = 0
     total_steps: int = 0
     finished: bool = False
+    world_size: int = 0  # ranks that consumed `batches_in_epoch` each (elastic runs may resume with another count)
+
+    def rescaled_to(self, world_size: int) -> TrainState:
+        """The same data position for another number of ranks: the examples consumed stay the same."""
+        if not self.world_size or self.world_size == world_size:
+            return self
+        position = self.batches_in_epoch * self.world_size // world_size
+        return replace(self, batches_in_epoch=position, world_size=world_size)
 
 
 class IncompleteCheckpoint(RuntimeError):
@@ -48,29 +57,37 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(
-    folder: str,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    state: TrainState,
-    rng_states: list[dict[str, Any]],
-    tokenizer: Any = None,
-) -> None:
-    os.makedirs(folder, exist_ok=True)
-    model.save_pretrained(os.path.join(folder, "model"), safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(os.path.join(folder, "model"))
-    torch.save(optimizer.state_dict(), os.path.join(folder, "optimizer.pt"))
-    torch.save(scheduler.state_dict(), os.path.join(folder, "scheduler.pt"))
-    torch.save(rng_states, os.path.join(folder, "rng_state.pt"))
-    with open(os.path.join(folder, STATE), "w", encoding="utf-8") as handle:
-        json.dump(asdict(state), handle, indent=2)
-    files = {
+def list_files(folder: str) -> dict[str, int]:
+    """Relative path -> size of every file under `folder`."""
+    return {
         os.path.relpath(os.path.join(root, name), folder): os.path.getsize(os.path.join(root, name))
         for root, _, names in os.walk(folder)
         for name in names
     }
+
+
+def save_checkpoint(
+    folder: str,
+    model: torch.nn.Module,
+    scheduler: Any,
+    state: TrainState,
+    rng_states: list[dict[str, Any]],
+    tokenizer: Any = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    other_ranks_files: dict[str, int] | None = None,
+) -> None:
+    """Rank 0's part of a checkpoint: transformers weights (`state_dict` when gathered from shards), scheduler,
+    RNG, state, and the manifest last. The optimizer state is already in the folder (written by the strategy);
+    `other_ranks_files` are the files other ranks wrote into their own folders, which Ray merges into this one."""
+    os.makedirs(folder, exist_ok=True)
+    model.save_pretrained(os.path.join(folder, "model"), state_dict=state_dict, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(os.path.join(folder, "model"))
+    torch.save(scheduler.state_dict(), os.path.join(folder, "scheduler.pt"))
+    torch.save(rng_states, os.path.join(folder, "rng_state.pt"))
+    with open(os.path.join(folder, STATE), "w", encoding="utf-8") as handle:
+        json.dump(asdict(state), handle, indent=2)
+    files = {**(other_ranks_files or {}), **list_files(folder)}
     with open(os.path.join(folder, MANIFEST), "w", encoding="utf-8") as handle:
         json.dump({"format": 1, "step": state.global_step, "files": files}, handle, indent=2)
 
@@ -93,10 +110,9 @@ def read_state(folder: str) -> TrainState:
         return TrainState(**json.load(handle))
 
 
-def restore_checkpoint(folder: str, optimizer: torch.optim.Optimizer, scheduler: Any, rank: int) -> TrainState:
-    """Optimizer, scheduler and this rank's RNG from a verified folder (the model was loaded from it already)."""
+def restore_checkpoint(folder: str, scheduler: Any, rank: int) -> TrainState:
+    """Scheduler and this rank's RNG from a verified folder (model and optimizer were loaded from it already)."""
     verify_checkpoint(folder)
-    optimizer.load_state_dict(torch.load(os.path.join(folder, "optimizer.pt"), map_location="cpu", weights_only=False))
     scheduler.load_state_dict(torch.load(os.path.join(folder, "scheduler.pt"), weights_only=False))
     rng_states = torch.load(os.path.join(folder, "rng_state.pt"), weights_only=False)
     if rank < len(rng_states):

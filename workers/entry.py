@@ -41,10 +41,25 @@ class RayRunIO:
         )
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        from .upload import ReportTiming, upload_checkpoint
+
+        timing = ReportTiming(step=metrics["step"], rank=self.ctx.rank, checkpoint=bool(checkpoint_dir))
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         name = f"checkpoint-{metrics['step']:06d}" if checkpoint_dir else None
+        # The run's storage as Ray resolved it (the way Ray's docs name for a checkpoint_upload_fn's destination).
+        storage = ray.train.get_context().get_storage()
+
+        def upload(local: ray.train.Checkpoint, dir_name: str) -> ray.train.Checkpoint:
+            destination = f"{storage.experiment_fs_path}/{dir_name}"
+            with timing.uploading():
+                upload_checkpoint(
+                    local.path, storage.storage_filesystem, destination, retries=self.cfg.ray_upload_retries
+                )
+            return ray.train.Checkpoint(path=destination, filesystem=storage.storage_filesystem)
+
         try:
-            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name, checkpoint_upload_fn=upload)
+            timing.write()
         finally:
             if checkpoint_dir:
                 shutil.rmtree(checkpoint_dir, ignore_errors=True)

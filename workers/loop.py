@@ -18,13 +18,14 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from orchestrator.plan import RUN_MARKER
+from orchestrator.plan import RUN_MARKER, accumulation_for
 
-from .checkpoint import TrainState, restore_checkpoint, rng_state, save_checkpoint, verify_checkpoint
+from .checkpoint import TrainState, list_files, restore_checkpoint, rng_state, save_checkpoint, verify_checkpoint
 from .context import DistContext
 from .model import build_model, load_tokenizer_for, parameter_report, parameter_status
 from .optim import build_optimizer, build_scheduler
 from .stages import get_stage
+from .strategy import make_strategy
 from .trainlog import TrainerLog
 
 # Debug knob: seconds to sleep after each optimizer step, so failure tests can interrupt a run mid-way.
@@ -75,10 +76,6 @@ def skip(batches: Iterator[Any], count: int) -> Iterator[Any]:
     return batches
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-
-
 def due(step: int, every: int | None, total: int) -> bool:
     return bool(every) and (step % every == 0 or step == total)
 
@@ -96,16 +93,24 @@ class StageRunner:
         with io.latest_checkpoint() as resume_dir:
             if resume_dir:
                 verify_checkpoint(resume_dir)
-            model = build_model(cfg, os.path.join(resume_dir, "model") if resume_dir else None, self.tokenizer)
+            self.strategy = make_strategy(cfg, ctx, io.prepare_model)
+            with self.strategy.loading():
+                model = build_model(cfg, os.path.join(resume_dir, "model") if resume_dir else None, self.tokenizer)
             ctx.print0(parameter_report(model))
             if cfg.print_param_status:
                 ctx.print0(parameter_status(model))
-            self.model = io.prepare_model(model)
-            self.optimizer = build_optimizer(cfg, self.model)
-            self.scheduler = build_scheduler(cfg, self.optimizer, self.schedule["warmup_steps"], self.total_steps)
+            self.model, self.optimizer = self.strategy.setup(model, lambda module: build_optimizer(cfg, module))
+            self.scheduler = build_scheduler(
+                cfg, self.strategy.lr_optimizer, self.schedule["warmup_steps"], self.total_steps
+            )
             self.state = TrainState(total_steps=self.total_steps)
             if resume_dir:
-                self.state = restore_checkpoint(resume_dir, self.optimizer, self.scheduler, ctx.rank)
+                self.strategy.load_optimizer(resume_dir)
+                self.state = restore_checkpoint(resume_dir, self.scheduler, ctx.rank)
+                if self.state.world_size and self.state.world_size != ctx.world_size:
+                    ctx.print0(f"elastic: the checkpoint was written by {self.state.world_size} workers, "
+                               f"this attempt has {ctx.world_size}")  # fmt: skip
+                    self.state = self.state.rescaled_to(ctx.world_size)
                 ctx.print0(
                     f"resumed from step {self.state.global_step} (epoch {self.state.epoch}, "
                     f"{self.state.batches_in_epoch} micro-batches into it)"
@@ -114,16 +119,24 @@ class StageRunner:
         if cfg.tf32 is not None and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
             torch.backends.cudnn.allow_tf32 = cfg.tf32
-        self.scaler = torch.amp.GradScaler("cuda") if cfg.fp16 else None
+        self.scaler = torch.amp.GradScaler("cuda") if cfg.fp16 and self.strategy.name == "ddp" else None
         self.placement: list[dict[str, Any]] = []  # rank -> node, gathered when the run starts
-        ctx.print0(f"worker setup (tokenizer, model, optimizer) took {time.perf_counter() - started:.1f} s")
+        # Elastic runs keep the global batch whatever the number of workers, by the accumulation steps.
+        self.accumulation = accumulation_for(plan["global_batch_size"], plan["per_device_batch_size"], ctx.world_size)
+        if plan.get("min_workers"):
+            ctx.print0(f"elastic: {ctx.world_size} workers x {plan['per_device_batch_size']} x {self.accumulation} "
+                       f"accumulation = {ctx.world_size * plan['per_device_batch_size'] * self.accumulation} examples "
+                       f"per step (configured {plan['global_batch_size']})")  # fmt: skip
+        ctx.print0(
+            f"strategy {self.strategy.name}; worker setup (tokenizer, model, optimizer) took {time.perf_counter() - started:.1f} s"
+        )
 
     @property
     def total_steps(self) -> int:
         return self.schedule["total_steps"]
 
     def _precision(self) -> contextlib.AbstractContextManager:
-        if self.cfg.bf16 or self.cfg.fp16:
+        if (self.cfg.bf16 or self.cfg.fp16) and self.strategy.autocast:
             dtype = torch.bfloat16 if self.cfg.bf16 else torch.float16
             return torch.autocast(self.ctx.device.type, dtype=dtype)
         return contextlib.nullcontext()
@@ -138,25 +151,14 @@ class StageRunner:
         label_count = max(1, sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches))
         step_loss = 0.0
         for index, batch in enumerate(batches):
-            sync = index == len(batches) - 1 or not isinstance(self.model, torch.nn.parallel.DistributedDataParallel)
-            with contextlib.nullcontext() if sync else self.model.no_sync(), self._precision():
+            last = index == len(batches) - 1
+            with self.strategy.micro_batch(last), self._precision():
                 loss_sum, _ = self.stage.loss_sum(self.model, batch)
                 loss = loss_sum / label_count
-            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            self.strategy.backward(self.scaler.scale(loss) if self.scaler else loss, last)
             step_loss += float(loss.detach())
-        if self.scaler:
-            self.scaler.unscale_(self.optimizer)
-        if self.cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(
-                [p for p in self.model.parameters() if p.requires_grad], self.cfg.max_grad_norm
-            )
-        if self.scaler:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
+        self.strategy.optimizer_step(self.scaler)
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
         tokens = sum(int(b["attention_mask"].sum()) for b in batches)
         return step_loss, tokens
 
@@ -187,7 +189,7 @@ class StageRunner:
         window = Window()
         while self.state.global_step < self.total_steps:
             batches = skip(self.io.batches("train", self.state.epoch), self.state.batches_in_epoch)
-            for micro_batches in windows(batches, self.cfg.gradient_accumulation_steps):
+            for micro_batches in windows(batches, self.accumulation):
                 loss, tokens = self.train_step(micro_batches)
                 self.state.global_step += 1
                 self.state.batches_in_epoch += len(micro_batches)
@@ -242,21 +244,29 @@ class StageRunner:
         return Window()
 
     def _save_checkpoint(self) -> str | None:
-        """Rank 0 writes the checkpoint into a fresh local folder; every rank contributes its RNG state."""
+        """Each writing rank fills a fresh local folder (rank 0 alone under DDP, every rank its optimizer shard under
+        DeepSpeed/FSDP); Ray merges the folders. Rank 0's manifest lists every rank's files and is written last."""
         rng_states = self.ctx.gather(rng_state())
-        if not self.ctx.is_main:
-            return None
         self.state.finished = self.state.global_step >= self.total_steps
-        folder = tempfile.mkdtemp(prefix=f"loom-ckpt-{self.state.global_step}-")
-        save_checkpoint(folder, unwrap(self.model), self.optimizer, self.scheduler, self.state, rng_states)
+        self.state.world_size = self.ctx.world_size
+        weights = self.strategy.full_state_dict()  # a collective when the weights are sharded
+        writes = self.ctx.is_main or self.strategy.sharded
+        folder = tempfile.mkdtemp(prefix=f"loom-ckpt-{self.state.global_step}-") if writes else None
+        self.strategy.save_optimizer(folder)
+        written = self.ctx.gather(list_files(folder) if folder else {})
+        if self.ctx.is_main:
+            others = {name: size for files in written[1:] for name, size in files.items()}
+            module = self.strategy.module
+            save_checkpoint(folder, module, self.scheduler, self.state, rng_states, None, weights, others)
         return folder
 
     def finish(self) -> None:
         """Rank 0 writes the final model or adapter and tokenizer into output_dir, the marker last."""
+        weights = self.strategy.full_state_dict()  # a collective when the weights are sharded
         if self.ctx.is_main:
-            model = unwrap(self.model)
+            model = self.strategy.module
             model.config.use_cache = True
-            model.save_pretrained(self.plan["output_dir"], safe_serialization=True)
+            model.save_pretrained(self.plan["output_dir"], state_dict=weights, safe_serialization=True)
             self.tokenizer.save_pretrained(self.plan["output_dir"])
             self._write_marker("finished")
         self.ctx.barrier()

@@ -220,9 +220,14 @@ def build_model(cfg: Any, resume_dir: str | None = None, tokenizer: Any = None) 
     return model
 
 
+def numel(param: torch.nn.Parameter) -> int:
+    """Elements of the whole parameter, also when ZeRO-3 holds only a partition of it here."""
+    return getattr(param, "ds_numel", None) or param.numel()
+
+
 def parameter_report(model: torch.nn.Module) -> str:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
+    total = sum(numel(p) for p in model.parameters())
     return f"trainable params: {trainable:,} / {total:,} ({100 * trainable / max(total, 1):.2f}%)"
 
 

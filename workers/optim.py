@@ -12,9 +12,10 @@ from orchestrator.config.values import as_dict
 def parameter_groups(cfg: Any, model: torch.nn.Module) -> list[dict[str, Any]]:
     """Weight decay on matrices only: biases and norm weights (1-D) are not decayed."""
     trainable = [p for p in model.parameters() if p.requires_grad]
+    matrix = [len(getattr(p, "ds_shape", p.shape)) >= 2 for p in trainable]  # ZeRO-3 partitions keep ds_shape
     return [
-        {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
+        {"params": [p for p, m in zip(trainable, matrix, strict=True) if m], "weight_decay": cfg.weight_decay},
+        {"params": [p for p, m in zip(trainable, matrix, strict=True) if not m], "weight_decay": 0.0},
     ]
 
 

@@ -144,6 +144,19 @@ def _stage_and_values(cfg: LoomConfig) -> list[Problem]:
     return p
 
 
+def _elastic(cfg: LoomConfig) -> list[Problem]:
+    if cfg.ray_min_workers is None:
+        return []
+    if cfg.ray_min_workers > cfg.ray_num_workers:
+        return [Problem("ray_min_workers", f"given {cfg.ray_min_workers}, more than ray_num_workers "
+                                           f"({cfg.ray_num_workers}), the most the run uses")]  # fmt: skip
+    if cfg.is_elastic() and cfg.deepspeed is not None:
+        return [Problem("ray_min_workers", "elastic worker counts with deepspeed: ZeRO saves its optimizer "
+                                           "partitions per rank, and another number of ranks cannot load them "
+                                           "(FSDP and DDP checkpoints reshard)")]  # fmt: skip
+    return []
+
+
 def _resources(cfg: LoomConfig) -> list[Problem]:
     try:
         resources = as_dict(cfg.resources_per_worker)
@@ -224,12 +237,20 @@ def _storage(cfg: LoomConfig) -> list[Problem]:
     return p
 
 
+def _parallelism(cfg: LoomConfig) -> list[Problem]:
+    from ..parallelism import parallelism_problems
+
+    return parallelism_problems(cfg)
+
+
 CHECKS: tuple[Callable[[LoomConfig], list[Problem]], ...] = (
     _contradictions,
+    _parallelism,
     _scoped,
     _stage_and_values,
     _data,
     _storage,
+    _elastic,
     _resources,
     _paths,
     _template,

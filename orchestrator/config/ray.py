@@ -31,6 +31,19 @@ class RayArgs(BaseModel):
         source="loom",
     )
     ray_num_workers: int = param(1, "Number of Ray Train workers (one process each).", ge=1)
+    ray_min_workers: int | None = param(
+        None,
+        "Elastic training: the fewest workers the run goes on with. Ray Train starts as many as the cluster holds, "
+        "between this and ray_num_workers, and resizes from the latest checkpoint when nodes come or go.",
+        ge=1,
+        source="loom",
+    )
+    ray_resize_interval_s: float = param(
+        60.0,
+        "Elastic training: how often (seconds) a healthy run checks whether more workers would fit.",
+        gt=0,
+        source="loom",
+    )
     resources_per_worker: dict | str = param(
         {"GPU": 1}, 'Resources of each worker bundle, as a dict or a JSON string, e.g. {"CPU": 1}.'
     )
@@ -41,5 +54,12 @@ class RayArgs(BaseModel):
         0,
         "Times the run restarts its workers from the latest checkpoint after a failure (-1: always).",
         ge=-1,
+        source="loom",
+    )
+    ray_upload_retries: int = param(
+        3,
+        "Retries of each checkpoint file upload to the storage path (waits 0.5 s, doubled each time); after the last, "
+        "the workers fail and ray_max_failures decides whether to restart.",
+        ge=0,
         source="loom",
     )

@@ -53,8 +53,14 @@ class LoomConfig(*GROUPS):
         return self.lora_alpha if self.lora_alpha is not None else self.lora_rank * 2
 
     def global_batch_size(self) -> int:
-        """Examples per optimizer step across all workers."""
+        """Examples per optimizer step across all workers (at ray_num_workers; elastic runs keep it)."""
         return self.per_device_train_batch_size * self.gradient_accumulation_steps * self.ray_num_workers
+
+    def min_workers(self) -> int:
+        return self.ray_min_workers or self.ray_num_workers
+
+    def is_elastic(self) -> bool:
+        return self.min_workers() < self.ray_num_workers
 
     def uses_packing(self) -> bool:
         return self.packing if self.packing is not None else self.stage == "pt"

@@ -111,8 +111,22 @@ class TrainingArgs(BaseModel):
     report_to: str | list = param(
         "none", "Experiment trackers; only `none` is wired (trainer_log.jsonl is always written).", source=_TF
     )
-    deepspeed: str | dict | None = not_yet(
-        None, "DeepSpeed config (path or dict).", "DeepSpeed under the TorchTrainer arrives with issue 4", source=_TF
+    deepspeed: str | dict | None = param(
+        None,
+        'DeepSpeed config (a JSON file, JSON string or mapping): ZeRO stage 0-3, CPU offload; "auto" values are '
+        "filled from this config.",
+        source=_TF,
+    )
+    fsdp: str | list | bool | None = param(
+        None,
+        "Shard the model with FSDP2 instead of DDP: options full_shard or shard_grad_op, offload, auto_wrap.",
+        source=_TF,
+    )
+    fsdp_config: str | dict | None = param(
+        None,
+        "FSDP settings (a JSON file, JSON string or mapping): transformer_layer_cls_to_wrap, reshard_after_forward, "
+        "offload_params, version (2).",
+        source=_TF,
     )
     resume_from_checkpoint: str | None = not_yet(
         None,

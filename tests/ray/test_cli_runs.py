@@ -54,7 +54,9 @@ def wait_past_a_committed_checkpoint(proc, run_dir: str, output_dir: str, step: 
 
 
 def test_killed_run_resumes_from_its_checkpoint_and_ends_at_the_configured_step(ray_cluster, train_config, tmp_path):
-    raw = train_config(max_steps=12, save_steps=3, ray_run_name="killed")
+    """The driver and all it started killed mid-run; the same command resumes. Under FSDP, so the restart also
+    reloads an optimizer state sharded over the two workers (one torch.distributed.checkpoint file per rank)."""
+    raw = train_config(max_steps=12, save_steps=3, ray_run_name="killed", fsdp="full_shard auto_wrap")
     config = write_yaml(tmp_path / "project", raw)
     run_dir = os.path.join(raw["ray_storage_path"], "killed")
     proc = start_slow_run(config, ray_cluster.env(), tmp_path / "first.log", delay_s=1.5)
@@ -74,6 +76,7 @@ def test_killed_run_resumes_from_its_checkpoint_and_ends_at_the_configured_step(
     assert "resumed from step 3" in second.stdout + second.stderr
     assert steps_logged(raw["output_dir"]) == list(range(1, 13))  # nothing lost, nothing counted twice
     assert checkpoints(run_dir) == [f"checkpoint-{s:06d}" for s in (3, 6, 9, 12)]
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata"} <= set(os.listdir(f"{run_dir}/checkpoint-000003/optimizer"))
     with open(os.path.join(raw["output_dir"], "loom_run.json")) as handle:
         assert json.load(handle)["status"] == "finished"
 
@@ -95,8 +98,10 @@ def test_same_yaml_runs_under_ray_job_submit(ray_cluster, train_config, tmp_path
 
 
 def test_killed_worker_is_restarted_from_the_latest_checkpoint(ray_cluster, train_config, tmp_path):
-    """ray_max_failures: a worker process killed mid-run restarts the worker group from the committed checkpoint."""
-    raw = train_config(max_steps=10, save_steps=2, ray_max_failures=1, ray_run_name="retry")
+    """ray_max_failures: a worker process killed mid-run restarts the worker group from the committed checkpoint.
+    Under DeepSpeed ZeRO-2 with the optimizer offloaded to the CPU: each rank reloads its own optimizer partition."""
+    zero2_offload = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
+    raw = train_config(max_steps=10, save_steps=2, ray_max_failures=1, ray_run_name="retry", deepspeed=zero2_offload)
     config = write_yaml(tmp_path / "project", raw)
     run_dir = os.path.join(raw["ray_storage_path"], "retry")
     proc = start_slow_run(config, ray_cluster.env(), tmp_path / "run.log", delay_s=1.0)
@@ -106,5 +111,7 @@ def test_killed_worker_is_restarted_from_the_latest_checkpoint(ray_cluster, trai
     os.kill(int(workers[-1]), signal.SIGKILL)
     assert proc.wait(timeout=600) == 0, (tmp_path / "run.log").read_text()[-4000:]
     output = (tmp_path / "run.log").read_text()
-    assert "resumed from step" in output
+    assert "resumed from step" in output and "strategy deepspeed" in output
     assert steps_logged(raw["output_dir"]) == list(range(1, 11))  # the steps redone after the restart appear once
+    shards = set(os.listdir(os.path.join(run_dir, checkpoints(run_dir)[-1], "deepspeed")))
+    assert {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)} <= shards, shards

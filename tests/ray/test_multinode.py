@@ -1,5 +1,6 @@
 """Several Ray nodes on one machine: where each rank runs per placement strategy, data shards that are disjoint
-and cover the dataset, local storage refused unless declared shared, and a node lost mid-run.
+and cover the dataset, local storage refused unless declared shared, and a node lost mid-run (an elastic run
+going on with fewer workers).
 
 The module adds three nodes to the session's cluster, each its own raylet (`ray start --address`): `big`
 ({loom_worker: 2}), `small` and `spare` ({loom_worker: 1} each), all with 0 CPUs. The runs here ask for workers
@@ -225,21 +226,24 @@ def _logged_after(path, offset: int, pattern: str) -> bool:
 
 
 @pytest.mark.slow  # about 2-2.5 minutes here: a run, a node lost, a restart
-def test_a_node_lost_mid_run_restarts_the_workers_from_the_committed_checkpoint(
+def test_a_node_lost_mid_run_restarts_an_elastic_run_smaller_from_the_committed_checkpoint(
     ray_cluster, nodes, train_config, tmp_path
 ):
-    """PACK puts both ranks on `big`; killing that node (its raylet and every process it started) mid-run fails
-    the worker group, and with ray_max_failures: 1 it restarts on the capacity left (`small` and `spare`) from the
-    latest committed checkpoint. Runs last in this module: `big` stays dead."""
+    """An elastic run of 1-3 workers starts with 3: PACK puts two ranks on `big` and one on `small` or `spare`.
+    Killing `big` (its raylet and every process it started) mid-run fails the worker group; with ray_max_failures: 1
+    it restarts with the 2 workers the nodes left can hold, from the latest committed checkpoint, keeping 12
+    examples per step (2 per worker x 3 accumulation instead of x 2). Runs last in this module: `big` stays dead."""
     raw = train_config(resources_per_worker=WORKER, ray_storage_shared=True, placement_strategy="PACK",
-                       max_steps=8, save_steps=2, ray_max_failures=1, ray_run_name="node-lost")  # fmt: skip
+                       max_steps=8, save_steps=2, ray_max_failures=1, ray_run_name="node-lost", ray_num_workers=3,
+                       ray_min_workers=1, per_device_train_batch_size=2, gradient_accumulation_steps=2)  # fmt: skip
     config = write_yaml(tmp_path / "project", raw)
     run_dir, output_dir, log = os.path.join(raw["ray_storage_path"], "node-lost"), raw["output_dir"], tmp_path / "r.log"
     trainer_log = os.path.join(output_dir, "trainer_log.jsonl")
     started, proc = time.monotonic(), start_slow_run(config, ray_cluster.env(), log, delay_s=1.0)
     try:
         wait_past_a_committed_checkpoint(proc, run_dir, output_dir, 3, log)
-        assert ranks_on(output_dir, nodes) == ["big", "big"]
+        first_group = ranks_on(output_dir, nodes)
+        assert first_group[:2] == ["big", "big"] and first_group[2] in ("small", "spare"), first_group
         committed_at_kill = int(re.search(r"step (\d+)", latest_committed_checkpoint(run_dir)).group(1))
         logged_at_kill, log_offset = max(steps_logged(output_dir)), log.stat().st_size
         inode = os.stat(trainer_log).st_ino  # a resumed run rewrites the log (truncated to its checkpoint)
@@ -269,6 +273,9 @@ def test_a_node_lost_mid_run_restarts_the_workers_from_the_committed_checkpoint(
     assert len(resumed) == 1 and committed_at_kill <= min(resumed) <= logged_at_kill, (resumed, committed_at_kill)
     assert steps_logged(output_dir) == list(range(1, 9))  # steps redone after the restart appear once
     assert sorted(ranks_on(output_dir, nodes)) == ["small", "spare"]  # the restarted group, on the nodes left
+    assert "elastic: 3 workers x 2 x 2 accumulation = 12 examples per step" in output
+    assert "elastic: the checkpoint was written by 3 workers, this attempt has 2" in output
+    assert "elastic: 2 workers x 2 x 3 accumulation = 12 examples per step" in output
     timings = json.dumps({k: round(v, 1) for k, v in seen.items()})
     print(f"\nnode lost {killed - started:.1f} s into the run at step {logged_at_kill} (committed {committed_at_kill}),"
           f" resumed from {min(resumed)}; seconds after the kill: {timings}")  # fmt: skip

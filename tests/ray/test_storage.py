@@ -7,24 +7,7 @@ import pytest
 from orchestrator.config import validate_config
 from orchestrator.errors import PlanError
 from orchestrator.launch import prepare_only, train
-from tests.conftest import free_port
-
-BUCKET = "loom-runs"
-
-
-@pytest.fixture(scope="module")
-def s3():
-    boto3 = pytest.importorskip("boto3")
-    server_module = pytest.importorskip("moto.server")
-    port = free_port()
-    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}")
-    client.create_bucket(Bucket=BUCKET)
-    try:
-        yield client, f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
+from tests.conftest import BUCKET
 
 
 def keys(client, prefix: str) -> set[str]:

@@ -27,27 +27,40 @@ def assert_loss_went_down(records: list[dict]) -> None:
     assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2, losses
 
 
-def assert_checkpoint_layout(run_dir: str, steps: list[int]) -> None:
+OPTIMIZER_FILES = {  # where each strategy keeps the optimizer state in a checkpoint (sharded ones: per rank)
+    "ddp": {"optimizer.pt"},
+    "zero3_bf16": {f"deepspeed/bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)},
+    "fsdp": {"optimizer/.metadata", "optimizer/__0_0.distcp", "optimizer/__1_0.distcp"},
+}
+
+
+def assert_checkpoint_layout(run_dir: str, steps: list[int], strategy: str = "ddp") -> None:
     names = sorted(n for n in os.listdir(run_dir) if n.startswith("checkpoint-"))
     assert names == [f"checkpoint-{s:06d}" for s in steps], names
     for name in names:
-        files = set(os.listdir(os.path.join(run_dir, name)))
-        assert {
-            "model",
-            "optimizer.pt",
-            "scheduler.pt",
-            "rng_state.pt",
-            "trainer_state.json",
-            "loom_checkpoint.json",
-        } <= files
+        folder = os.path.join(run_dir, name)
+        files = {os.path.relpath(os.path.join(root, f), folder) for root, _, found in os.walk(folder) for f in found}
+        expected = {"scheduler.pt", "rng_state.pt", "trainer_state.json", "loom_checkpoint.json"}
+        assert expected | OPTIMIZER_FILES[strategy] <= files, sorted(files)
+        assert any(f.startswith("model/") and f.endswith(".safetensors") for f in files), sorted(files)
     with open(os.path.join(run_dir, names[-1], "trainer_state.json")) as handle:
         state = json.load(handle)
     assert state["global_step"] == steps[-1] and state["finished"] is True
 
 
-def test_sft_lora_trains_saves_an_adapter_and_refuses_to_overwrite(ray_cluster, train_config, tiny_model):
-    raw = train_config(finetuning_type="lora", lora_rank=8, save_total_limit=2, save_steps=3)
+def test_sft_lora_trains_saves_an_adapter_and_refuses_to_overwrite(
+    ray_cluster, train_config, tiny_model, tmp_path, monkeypatch
+):
+    """The storage is a `ray_storage_filesystem` factory over the local disk whose first checkpoint write in each
+    process fails (tests/flaky_fs.py): rank 0 retries that upload and every checkpoint still comes out complete."""
+    from tests.flaky_fs import FLAKY_LOG_ENV
+
+    monkeypatch.setenv(FLAKY_LOG_ENV, str(tmp_path / "injected.log"))
+    raw = train_config(finetuning_type="lora", lora_rank=8, save_total_limit=2, save_steps=3,
+                       ray_storage_filesystem="tests.flaky_fs:flaky_local_storage")  # fmt: skip
     outcome = run(raw, ray_cluster)
+    injected = (tmp_path / "injected.log").read_text().splitlines()
+    assert len(injected) == 1 and "/checkpoint-000003/" in injected[0], injected
     records = logged(outcome.output_dir)
     assert [r["step"] for r in records] == list(range(1, 9))
     assert records[-1]["tokens_seen"] > records[0]["tokens_seen"] > 0
@@ -69,11 +82,14 @@ def test_sft_lora_trains_saves_an_adapter_and_refuses_to_overwrite(ray_cluster, 
         run(raw, ray_cluster)
 
 
-def test_sft_freeze_with_neat_packing_changes_only_the_trainable_layers(ray_cluster, train_config, tiny_model):
+def test_sft_freeze_with_neat_packing_under_fsdp_changes_only_the_trainable_layers(
+    ray_cluster, train_config, tiny_model
+):
     raw = train_config(finetuning_type="freeze", freeze_trainable_layers=1, learning_rate=5e-3, packing=True,
-                       neat_packing=True)  # fmt: skip
+                       neat_packing=True, fsdp="full_shard auto_wrap")  # fmt: skip
     outcome = run(raw, ray_cluster)
     assert_loss_went_down(logged(outcome.output_dir))
+    assert_checkpoint_layout(outcome.plan.run_dir, [4, 8], "fsdp")
     assert outcome.data_summary["train_examples"] < 128 and 0.8 < outcome.data_summary["block_fill"] <= 1
     from transformers import AutoModelForCausalLM
 
@@ -83,17 +99,24 @@ def test_sft_freeze_with_neat_packing_changes_only_the_trainable_layers(ray_clus
     assert changed and all(".layers.1." in name for name in changed), changed
 
 
-def test_sft_full_with_validation_split(ray_cluster, train_config):
+def test_sft_full_under_deepspeed_zero3_with_validation_split(ray_cluster, train_config, tiny_model):
+    """ZeRO-3 partitions every weight over the two workers; the saved model is gathered into plain transformers
+    weights, and each rank's optimizer partition is in the checkpoint."""
+    zero3 = {"bf16": {"enabled": "auto"}, "zero_optimization": {"stage": 3, "reduce_bucket_size": "auto"}}
     raw = train_config(finetuning_type="full", learning_rate=1e-3, val_size=0.25, do_eval=True,
-                       eval_strategy="steps", eval_steps=4, bf16=True)  # fmt: skip
+                       eval_strategy="steps", eval_steps=4, bf16=True, deepspeed=zero3)  # fmt: skip
     outcome = run(raw, ray_cluster)
     records = logged(outcome.output_dir)
     assert_loss_went_down(records)
     assert [r["step"] for r in records if "eval_loss" in r] == [4, 8]
     assert outcome.data_summary["eval_examples"] == 32 and outcome.data_summary["train_examples"] == 96
+    assert_checkpoint_layout(outcome.plan.run_dir, [4, 8], "zero3_bf16")
     from transformers import AutoModelForCausalLM
 
-    assert AutoModelForCausalLM.from_pretrained(outcome.output_dir) is not None
+    base = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
+    tuned = AutoModelForCausalLM.from_pretrained(outcome.output_dir).state_dict()
+    assert tuned.keys() == base.keys() and all(tuned[k].shape == base[k].shape for k in base)  # gathered, not shards
+    assert all(not torch.equal(tuned[k], base[k]) for k in base if k.endswith("proj.weight"))
 
 
 def test_unplaceable_bundles_fail_fast(ray_cluster, train_config):

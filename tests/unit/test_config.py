@@ -12,15 +12,6 @@ from orchestrator.errors import ConfigError
 from tests.helpers import DEMO_DATA, REPO
 
 
-@pytest.fixture
-def model_dir(tmp_path):
-    """A folder that passes the model-path check (config.json present); no weights needed for validation."""
-    folder = tmp_path / "model"
-    folder.mkdir()
-    (folder / "config.json").write_text("{}")
-    return str(folder)
-
-
 def base(model_dir: str, **extra) -> dict:
     return {
         "model_name_or_path": model_dir,

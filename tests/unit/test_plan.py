@@ -183,3 +183,36 @@ def test_declaring_storage_shared_keeps_the_derived_run_name(cfg_of):
     assert make_plan(cfg_of(), "/b").storage_shared is False
     built = cfg_of(ray_storage_filesystem="pyarrow.fs:LocalFileSystem", ray_storage_path="bucket/runs")
     assert make_plan(built, "/b").storage_shared is True  # a filesystem the user builds is not this node's disk
+
+
+def test_elastic_plan_keeps_the_global_batch_and_starts_with_the_minimum(cfg_of):
+    from orchestrator.errors import ConfigError
+    from workers.checkpoint import TrainState
+
+    cfg = cfg_of(ray_num_workers=3, ray_min_workers=1, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                 resources_per_worker={"CPU": 1}, ray_resize_interval_s=5)  # fmt: skip
+    plan = make_plan(cfg)
+    assert plan.elastic and (plan.min_workers, plan.num_workers, plan.global_batch_size) == (1, 3, 12)
+    assert [plan.accumulation_at(n) for n in (1, 2, 3)] == [6, 3, 2]  # 12 examples per step at every size
+    assert "elastic       1-3 workers; examples per step: 1 x 6 acc = 12, 2 x 3 acc = 12, 3 x 2 acc = 12" in (
+        plan.describe()
+    )
+    one_node = [{"CPU": 1.0}]  # room for the minimum: the run may start; the fixed run may not
+    assert placement_problems(plan, one_node) == []
+    assert placement_problems(make_plan(cfg_of(ray_num_workers=3, resources_per_worker={"CPU": 1})), one_node)
+    assert not make_plan(cfg_of(ray_num_workers=3, ray_min_workers=3, resources_per_worker={"CPU": 1})).elastic
+    # a data position written by 3 ranks is the same number of examples for 2
+    assert TrainState(batches_in_epoch=4, world_size=3).rescaled_to(2).batches_in_epoch == 6
+    with pytest.raises(ConfigError, match="more than ray_num_workers"):
+        cfg_of(ray_num_workers=2, ray_min_workers=3, resources_per_worker={"CPU": 1})
+    with pytest.raises(ConfigError, match="ZeRO saves its optimizer partitions per rank"):
+        cfg_of(ray_num_workers=2, ray_min_workers=1, resources_per_worker={"CPU": 1}, deepspeed={})
+
+
+def test_plan_names_the_sharding_strategy(cfg_of):
+    cpu = {"resources_per_worker": {"CPU": 1}}
+    assert make_plan(cfg_of(**cpu)).sharding.startswith("DDP")
+    zero3 = {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}
+    assert make_plan(cfg_of(deepspeed=zero3, **cpu)).sharding == "DeepSpeed ZeRO-3, offload optimizer to cpu"
+    fsdp = make_plan(cfg_of(fsdp="shard_grad_op auto_wrap", **cpu))
+    assert "sharding      FSDP2 shard_grad_op, per layer" in fsdp.describe()

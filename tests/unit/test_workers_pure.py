@@ -47,11 +47,11 @@ def test_due_on_cadence_and_at_the_end():
 
 
 class TinyLinear(torch.nn.Linear):
-    def save_pretrained(self, folder, safe_serialization=True):
+    def save_pretrained(self, folder, state_dict=None, safe_serialization=True):
         import os
 
         os.makedirs(folder, exist_ok=True)
-        torch.save(self.state_dict(), os.path.join(folder, "weights.pt"))
+        torch.save(state_dict or self.state_dict(), os.path.join(folder, "weights.pt"))
 
 
 def test_checkpoint_manifest_detects_partial_writes(tmp_path):
@@ -59,9 +59,15 @@ def test_checkpoint_manifest_detects_partial_writes(tmp_path):
     optimizer = torch.optim.AdamW(model.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     folder = tmp_path / "ckpt"
-    save_checkpoint(
-        str(folder), model, optimizer, scheduler, TrainState(global_step=3, epoch=1, batches_in_epoch=2), [{}]
-    )
+    folder.mkdir()
+    torch.save(optimizer.state_dict(), folder / "optimizer.pt")  # what the DDP strategy writes first
+    other_rank = {"optimizer/__1_0.distcp": 10}  # a file another rank wrote into its own folder
+    state = TrainState(global_step=3, epoch=1, batches_in_epoch=2)
+    save_checkpoint(str(folder), model, scheduler, state, [{}], other_ranks_files=other_rank)
+    with pytest.raises(IncompleteCheckpoint, match="__1_0.distcp"):  # listed, but Ray has not merged it in yet
+        verify_checkpoint(str(folder))
+    (folder / "optimizer").mkdir()
+    (folder / "optimizer" / "__1_0.distcp").write_bytes(b"0123456789")
     manifest = verify_checkpoint(str(folder))
     assert manifest["step"] == 3 and "optimizer.pt" in manifest["files"]
     assert read_state(str(folder)).batches_in_epoch == 2

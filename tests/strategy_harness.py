@@ -1,0 +1,94 @@
+"""Two real gloo processes running Loom's stage loop without Ray: each strategy (DDP, DeepSpeed ZeRO, FSDP2) trains
+the same tiny model on the same rows, checkpoints, and resumes. `LocalRunIO` stands in for Ray Train's report and
+checkpoint merge (each rank's folder copied into one checkpoint directory), so the loop, the strategies and the
+checkpoint files are the real ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from workers.context import DistContext
+
+
+def training_rows(count: int = 64, seed: int = 0) -> list[dict[str, list[int]]]:
+    """Token rows of varied lengths over the tiny vocabulary; labels equal inputs (pre-training style)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(count):
+        ids = rng.integers(10, 400, size=int(rng.integers(8, 24))).tolist()
+        rows.append({"input_ids": ids, "labels": ids})
+    return rows
+
+
+class LocalRunIO:
+    """Ray Train's side of the loop on plain files: shards, report (a barrier) and checkpoint merging."""
+
+    def __init__(self, ctx: DistContext, rows: list[dict[str, Any]], batch_size: int, storage: str):
+        self.ctx, self.rows, self.batch_size, self.storage = ctx, rows, batch_size, storage
+
+    def batches(self, split: str, epoch: int) -> Iterator[dict[str, Any]]:
+        shard = self.rows[self.ctx.rank :: self.ctx.world_size]
+        for start in range(0, len(shard), self.batch_size):
+            chunk = shard[start : start + self.batch_size]
+            yield {key: np.array([row[key] for row in chunk], dtype=object) for key in ("input_ids", "labels")}
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        target = os.path.join(self.storage, f"checkpoint-{metrics['step']:06d}")
+        dist.barrier()
+        if checkpoint_dir:
+            shutil.copytree(checkpoint_dir, target, dirs_exist_ok=True)
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        dist.barrier()
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self) -> Iterator[str | None]:
+        names = sorted(n for n in os.listdir(self.storage) if n.startswith("checkpoint-")) if os.path.isdir(
+            self.storage
+        ) else []  # fmt: skip
+        yield os.path.join(self.storage, names[-1]) if names else None
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return torch.nn.parallel.DistributedDataParallel(model) if self.ctx.world_size > 1 else model
+
+
+def run_strategy(raw_config: dict[str, Any], storage: str, output_dir: str, rank: int, world: int) -> None:
+    """One rank of a Loom run of `raw_config` (validated like the driver does) over `training_rows()`."""
+    from orchestrator.config import validate_config
+    from orchestrator.plan import make_plan, with_absolute_paths
+    from workers.loop import StageRunner
+
+    cfg = with_absolute_paths(validate_config(raw_config))
+    rows = training_rows()
+    plan = make_plan(cfg, train_rows=len(rows)).to_dict()
+    plan.update(output_dir=output_dir, run_dir=storage, eval_splits=[])
+    ctx = DistContext(rank=rank, world_size=world, local_rank=rank, device=torch.device("cpu"))
+    StageRunner(cfg, plan, ctx, LocalRunIO(ctx, rows, cfg.per_device_train_batch_size, storage)).run()
+
+
+def worker(rank: int, world: int, port: int, jobs: list[tuple[dict[str, Any], str, str, str | None]]) -> None:
+    """Entry of each spawned process: join the gloo group, then run every job in order. A job is (config, storage,
+    output_dir, resume_from): with `resume_from`, rank 0 first copies that checkpoint into the job's storage, so the
+    run resumes from it."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), DS_ACCELERATOR="cpu",
+                      OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")  # fmt: skip
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        for raw_config, storage, output_dir, resume_from in jobs:
+            if resume_from and rank == 0:
+                shutil.copytree(resume_from, os.path.join(storage, os.path.basename(resume_from)))
+            dist.barrier()
+            torch.manual_seed(0)
+            run_strategy(raw_config, storage, output_dir, rank, world)
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
