@@ -8,6 +8,7 @@ import signal
 import subprocess
 import time
 
+import pytest
 import yaml
 
 from tests.conftest import VENV_BIN
@@ -97,6 +98,7 @@ def test_same_yaml_runs_under_ray_job_submit(ray_cluster, train_config, tmp_path
     assert checkpoints(os.path.join(raw["ray_storage_path"], "job")) == ["checkpoint-000002", "checkpoint-000004"]
 
 
+@pytest.mark.slow  # about 2 minutes: a run under DeepSpeed, a worker killed, the group restarted
 def test_killed_worker_is_restarted_from_the_latest_checkpoint(ray_cluster, train_config, tmp_path):
     """ray_max_failures: a worker process killed mid-run restarts the worker group from the committed checkpoint.
     Under DeepSpeed ZeRO-2 with the optimizer offloaded to the CPU: each rank reloads its own optimizer partition."""
