@@ -103,18 +103,7 @@ class StageRunner:
             self.scheduler = build_scheduler(
                 cfg, self.strategy.lr_optimizer, self.schedule["warmup_steps"], self.total_steps
             )
-            self.state = TrainState(total_steps=self.total_steps)
-            if resume_dir:
-                self.strategy.load_optimizer(resume_dir)
-                self.state = restore_checkpoint(resume_dir, self.scheduler, ctx.rank)
-                if self.state.world_size and self.state.world_size != ctx.world_size:
-                    ctx.print0(f"elastic: the checkpoint was written by {self.state.world_size} workers, "
-                               f"this attempt has {ctx.world_size}")  # fmt: skip
-                    self.state = self.state.rescaled_to(ctx.world_size)
-                ctx.print0(
-                    f"resumed from step {self.state.global_step} (epoch {self.state.epoch}, "
-                    f"{self.state.batches_in_epoch} micro-batches into it)"
-                )
+            self.state = self._resume(resume_dir) if resume_dir else TrainState(total_steps=self.total_steps)
         self.log = TrainerLog(os.path.join(plan["output_dir"], "trainer_log.jsonl")) if ctx.is_main else None
         if cfg.tf32 is not None and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
@@ -127,9 +116,20 @@ class StageRunner:
             ctx.print0(f"elastic: {ctx.world_size} workers x {plan['per_device_batch_size']} x {self.accumulation} "
                        f"accumulation = {ctx.world_size * plan['per_device_batch_size'] * self.accumulation} examples "
                        f"per step (configured {plan['global_batch_size']})")  # fmt: skip
-        ctx.print0(
-            f"strategy {self.strategy.name}; worker setup (tokenizer, model, optimizer) took {time.perf_counter() - started:.1f} s"
-        )
+        took = time.perf_counter() - started
+        ctx.print0(f"strategy {self.strategy.name}; worker setup (tokenizer, model, optimizer) took {took:.1f} s")
+
+    def _resume(self, folder: str) -> TrainState:
+        """Optimizer (through the strategy), scheduler, RNG and data position from a verified checkpoint."""
+        self.strategy.load_optimizer(folder)
+        state = restore_checkpoint(folder, self.scheduler, self.ctx.rank)
+        if state.world_size and state.world_size != self.ctx.world_size:
+            self.ctx.print0(f"elastic: the checkpoint was written by {state.world_size} workers, "
+                            f"this attempt has {self.ctx.world_size}")  # fmt: skip
+            state = state.rescaled_to(self.ctx.world_size)
+        self.ctx.print0(f"resumed from step {state.global_step} (epoch {state.epoch}, "
+                        f"{state.batches_in_epoch} micro-batches into it)")  # fmt: skip
+        return state
 
     @property
     def total_steps(self) -> int:

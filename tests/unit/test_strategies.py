@@ -24,7 +24,6 @@ ZERO3_AUTO = {"stage": 3, "stage3_prefetch_bucket_size": "auto", "stage3_param_p
 STRATEGIES = {
     "ddp": {},
     "zero0": {"deepspeed": {"zero_optimization": {"stage": 0}}},
-    "zero2": {"deepspeed": {"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 2}}},
     "zero2_offload": {"deepspeed": {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}},
     "zero3": {"deepspeed": {"zero_optimization": ZERO3_AUTO}},
     "zero3_offload": {
@@ -51,7 +50,7 @@ LORA = {"finetuning_type": "lora", "lora_rank": 4, "lora_target": "all"}
 LORA_STRATEGIES = {"ddp_lora": {}, "zero3_lora": STRATEGIES["zero3"], "fsdp_lora": STRATEGIES["fsdp"]}
 # bf16: DDP autocasts, FSDP casts each unit (MixedPrecisionPolicy); the same math in bf16, compared loosely
 BF16_STRATEGIES = {"ddp_bf16": {"bf16": True}, "fsdp_bf16": {"bf16": True, "fsdp": "full_shard auto_wrap"}}
-RESUMED = ("ddp", "zero2_offload", "zero3", "fsdp", "zero3_lora", "fsdp_lora")  # the others share their code paths
+RESUMED = ("ddp", "zero2_offload", "zero3", "fsdp", "zero3_lora")  # the others share their code paths
 
 
 def base_config(tiny_model: str, **extra) -> dict:
