@@ -39,7 +39,7 @@ def forwarded_env() -> dict[str, str]:
     """Driver environment the workers need too (offline mode, debug knobs): Ray workers do not inherit it.
     Ray Train settings the user did not set get Loom's defaults."""
     forwarded = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_PREFIXES)}
-    return {**RAY_TRAIN_DEFAULTS, **{k: os.environ[k] for k in RAY_TRAIN_DEFAULTS if k in os.environ}, **forwarded}
+    return {**{k: os.environ.get(k, v) for k, v in RAY_TRAIN_DEFAULTS.items()}, **forwarded}
 
 
 class Stopwatch:

@@ -47,8 +47,9 @@ def strategy_name(cfg: Any) -> str:
 # ---------------------------------------------------------------- DeepSpeed
 
 
-def load_deepspeed(value: Any, base_dir: str | None = None) -> dict[str, Any]:
-    """The DeepSpeed config from a dict, a JSON string or a JSON file path. Raises ValueError saying what is wrong."""
+def load_json_setting(value: Any, base_dir: str | None = None) -> dict[str, Any]:
+    """A mapping setting (deepspeed, fsdp_config) given as a dict, a JSON string or a JSON file path.
+    Raises ValueError saying what is wrong."""
     if isinstance(value, dict):
         return copy.deepcopy(value)
     text = str(value).strip()
@@ -60,7 +61,7 @@ def load_deepspeed(value: Any, base_dir: str | None = None) -> dict[str, Any]:
     else:
         path = os.path.join(base_dir or os.getcwd(), os.path.expanduser(text))
         if not os.path.isfile(path):
-            raise ValueError(f"file {text!r} does not exist (a DeepSpeed JSON file, a JSON string or a mapping)")
+            raise ValueError(f"file {text!r} does not exist (give a JSON file, a JSON string or a mapping)")
         try:
             with open(path, encoding="utf-8") as handle:
                 loaded = json.load(handle)
@@ -233,9 +234,7 @@ def _fsdp_tokens(value: Any) -> list[str]:
 
 
 def load_fsdp_config(value: Any, base_dir: str | None = None) -> dict[str, Any]:
-    if value is None:
-        return {}
-    return load_deepspeed(value, base_dir)  # the same rules: a mapping, a JSON string or a JSON file
+    return {} if value is None else load_json_setting(value, base_dir)
 
 
 def fsdp_problems(cfg: Any, base_dir: str | None = None) -> list[Problem]:
@@ -293,7 +292,7 @@ def describe_sharding(cfg: Any) -> str:
     name = strategy_name(cfg)
     if name == "deepspeed":
         try:
-            ds = load_deepspeed(cfg.deepspeed)
+            ds = load_json_setting(cfg.deepspeed)
         except ValueError:
             return "DeepSpeed (config unreadable)"
         moved = ", ".join(f"{key.split('_', 1)[1]} to {device}" for key, device in offloads(ds).items())
@@ -317,7 +316,7 @@ def parallelism_problems(cfg: Any, base_dir: str | None = None) -> list[Problem]
             problems.append(Problem("fp16", "fp16 with FSDP is not built (no sharded gradient scaler); use bf16"))
     if cfg.deepspeed is not None:
         try:
-            ds = load_deepspeed(cfg.deepspeed, base_dir)
+            ds = load_json_setting(cfg.deepspeed, base_dir)
         except ValueError as error:
             return problems + [Problem("deepspeed", str(error))]
         found = deepspeed_problems(cfg, ds, cfg.ray_num_workers) + deepspeed_schema_problems(ds)

@@ -9,7 +9,7 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .parallelism import describe_sharding
+from .parallelism import describe_sharding, load_json_setting
 
 RUN_MARKER = "loom_run.json"  # written by rank 0 into output_dir: status running/finished, read by the driver
 
@@ -288,8 +288,7 @@ def with_absolute_paths(cfg: Any, base_dir: str | None = None) -> Any:
     for key in ("deepspeed", "fsdp_config"):  # JSON files travel as their content: workers run elsewhere
         value = getattr(cfg, key)
         if isinstance(value, str) and os.path.isfile(resolve_path(value, base_dir)):
-            with open(resolve_path(value, base_dir), encoding="utf-8") as handle:
-                update[key] = json.load(handle)
+            update[key] = load_json_setting(value, base_dir)
     adapters = [a.strip() for a in (cfg.adapter_name_or_path or "").split(",") if a.strip()]
     if adapters:
         update["adapter_name_or_path"] = ",".join(

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from orchestrator.parallelism import fsdp_settings, load_deepspeed, resolve_deepspeed, strategy_name, zero_stage
+from orchestrator.parallelism import fsdp_settings, load_json_setting, resolve_deepspeed, strategy_name, zero_stage
 
 from .context import DistContext
 
@@ -103,7 +103,7 @@ class DeepSpeedStrategy:
             token=cfg.hf_hub_token, cache_dir=cfg.cache_dir,
         )  # fmt: skip
         hidden = getattr(model_config, "hidden_size", None)
-        self.config = resolve_deepspeed(load_deepspeed(cfg.deepspeed), cfg, ctx.world_size, hidden)
+        self.config = resolve_deepspeed(load_json_setting(cfg.deepspeed), cfg, ctx.world_size, hidden)
 
     @contextlib.contextmanager
     def loading(self) -> Iterator[None]:

@@ -8,7 +8,7 @@ import pytest
 
 from orchestrator.config import validate_config
 from orchestrator.errors import ConfigError
-from orchestrator.parallelism import fsdp_settings, load_deepspeed, resolve_deepspeed, strategy_name
+from orchestrator.parallelism import fsdp_settings, load_json_setting, resolve_deepspeed, strategy_name
 from orchestrator.plan import with_absolute_paths
 from tests.helpers import DEMO_DATA
 
@@ -41,7 +41,7 @@ def test_llamafactory_zero3_file_is_accepted_and_its_autos_filled(model_dir, tmp
     path.write_text(json.dumps(LF_ZERO3))
     cfg = with_absolute_paths(validate_config(config(model_dir, deepspeed=str(path), bf16=True)), str(tmp_path))
     assert cfg.deepspeed == LF_ZERO3 and strategy_name(cfg) == "deepspeed"  # the file travels as its content
-    ds = resolve_deepspeed(load_deepspeed(cfg.deepspeed), cfg, world_size=2, hidden_size=64)
+    ds = resolve_deepspeed(load_json_setting(cfg.deepspeed), cfg, world_size=2, hidden_size=64)
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (
         2, 4, 16)  # fmt: skip
     assert ds["gradient_clipping"] == 1.0 and ds["bf16"] == {"enabled": True} and ds["fp16"]["enabled"] is False
