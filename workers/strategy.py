@@ -83,6 +83,17 @@ class DDPStrategy:
         self.optimizer.load_state_dict(state)
 
 
+SHARED_MEMORY_KERNEL = "deepspeed_shm_comm"  # DeepSpeed's name for its CPU shared-memory all-reduce op
+
+
+def skip_shared_memory_kernel(deepspeed: Any) -> None:
+    """On CPU, `init_distributed` JIT-compiles a shared-memory all-reduce kernel: a minute of g++ on every fresh
+    machine, a writable extensions cache, and a lock file that a worker killed mid-compile leaves behind for the next
+    one to wait on forever. The kernel only serves inference all-reduce among ranks started with LOCAL_SIZE, which
+    Ray Train never sets, so training loses nothing: marking it incompatible makes DeepSpeed use gloo directly."""
+    deepspeed.ops.__compatible_ops__[SHARED_MEMORY_KERNEL] = False
+
+
 class DeepSpeedStrategy:
     """DeepSpeed's engine: ZeRO stage 0-3, CPU offload. Loom's loss, schedule and logging stay the same."""
 
@@ -97,6 +108,8 @@ class DeepSpeedStrategy:
         import deepspeed
         from transformers import AutoConfig
 
+        if ctx.device.type == "cpu":
+            skip_shared_memory_kernel(deepspeed)
         deepspeed.init_distributed(dist_backend="gloo" if ctx.device.type == "cpu" else "nccl")
         model_config = AutoConfig.from_pretrained(
             cfg.model_name_or_path, revision=cfg.model_revision, trust_remote_code=cfg.trust_remote_code,

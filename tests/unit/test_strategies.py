@@ -99,7 +99,9 @@ def runs(tiny_model, tmp_path_factory):
     first = [(cfg, str(root / name / "saves"), str(root / name / "out"), None) for name, cfg in cases.items()]
     resumed = [(cases[name], str(root / name / "resume"), str(root / name / "resumed"),
                 str(root / name / "saves" / "checkpoint-000002")) for name in RESUMED]  # fmt: skip
-    spawn(first + resumed)
+    with pytest.MonkeyPatch.context() as env:  # the spawned ranks inherit it: where any JIT-compiled op would go
+        env.setenv("TORCH_EXTENSIONS_DIR", str(root / "torch_extensions"))
+        spawn(first + resumed)
     return root
 
 
@@ -129,6 +131,14 @@ def test_sharded_checkpoints_hold_every_rank_s_files(runs):
     assert "optimizer.pt" in listing["ddp"] and not any(n.startswith("deepspeed/") for n in listing["ddp"])
     for files in listing.values():
         assert {"model/model.safetensors", "scheduler.pt", "rng_state.pt", "trainer_state.json"} <= set(files)
+
+
+def test_deepspeed_on_cpu_compiles_nothing(runs):
+    """DeepSpeed JIT-compiles a shared-memory all-reduce kernel at init on CPU unless Loom opts out: a minute of g++
+    per fresh machine, and a stale lock file hangs the next run if a worker dies mid-compile."""
+    assert (runs / "zero3" / "out").is_dir()
+    built = runs / "torch_extensions"
+    assert not built.exists() or not any(built.iterdir()), sorted(p.name for p in built.rglob("*"))
 
 
 def test_fsdp_mixed_precision_trains_like_ddp_autocast(runs, tiny_model):
