@@ -39,6 +39,11 @@ def committed(run_dir: str) -> bool:
     return latest_committed_checkpoint(run_dir) is not None
 
 
+def committed_step(run_dir: str) -> int:
+    """The step of the latest checkpoint Ray committed (the one a restart resumes from)."""
+    return int(re.search(r"step (\d+)", latest_committed_checkpoint(run_dir)).group(1))
+
+
 def start_slow_run(config: str, env: dict, log_path, delay_s: float) -> subprocess.Popen:
     """`loom train` in its own process group, each step slowed so the test can interrupt it mid-run."""
     with open(log_path, "w") as log:
@@ -140,7 +145,7 @@ def test_killed_worker_is_restarted_from_the_latest_checkpoint(ray_cluster, trai
     proc = start_slow_run(config, ray_cluster.env(), log, delay_s=1.0)
     try:
         wait_past_a_committed_checkpoint(proc, run_dir, raw["output_dir"], 3, log)
-        committed_at_kill = int(re.search(r"step (\d+)", latest_committed_checkpoint(run_dir)).group(1))
+        committed_at_kill = committed_step(run_dir)
         workers = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True).stdout.split()
         assert workers, "no Ray Train worker process found"
         kill = functools.partial(os.kill, int(workers[-1]), signal.SIGKILL)

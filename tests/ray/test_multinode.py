@@ -28,9 +28,9 @@ from orchestrator.config import validate_config
 from orchestrator.errors import PlanError
 from orchestrator.launch import check_placement, train
 from orchestrator.plan import make_plan
-from orchestrator.preflight import latest_committed_checkpoint
 from tests.conftest import VENV_BIN, free_port, with_venv_path
 from tests.ray.test_cli_runs import (
+    committed_step,
     kill_and_time_recovery,
     start_slow_run,
     steps_logged,
@@ -245,7 +245,7 @@ def test_a_node_lost_mid_run_restarts_an_elastic_run_smaller_from_the_committed_
         wait_past_a_committed_checkpoint(proc, run_dir, output_dir, 3, log)
         first_group = ranks_on(output_dir, nodes)
         assert first_group[:2] == ["big", "big"] and first_group[2] in ("small", "spare"), first_group
-        committed_at_kill = int(re.search(r"step (\d+)", latest_committed_checkpoint(run_dir)).group(1))
+        committed_at_kill = committed_step(run_dir)
         logged_at_kill = max(steps_logged(output_dir))
         node_dead = {"node dead": lambda: not _alive(nodes["big"].node_id)}
         into_run = time.monotonic() - started
