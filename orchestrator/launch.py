@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .data.cache import cached_manifest
@@ -225,7 +225,7 @@ def fit(cfg: Any, plan: RunPlan, data: Any, callbacks: list | None = None) -> An
     filesystem = storage_filesystem(cfg)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.model_dump(), "plan": {**plan.to_dict(), "eval_splits": list(data.evals)}},
+        train_loop_config={"config": cfg.model_dump(), "plan": replace(plan, eval_splits=tuple(data.evals))},
         torch_config=TorchConfig(timeout_s=cfg.ddp_timeout),
         scaling_config=ScalingConfig(
             num_workers=(plan.min_workers, plan.num_workers) if plan.elastic else plan.num_workers,

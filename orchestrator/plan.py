@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from .parallelism import describe_sharding, load_json_setting
+from .stages import STAGES
 
 RUN_MARKER = "loom_run.json"  # written by rank 0 into output_dir: status running/finished, read by the driver
 
@@ -65,6 +66,8 @@ class RunPlan:
     sharding: str = ""  # how the workers share the model (DDP, DeepSpeed ZeRO-n, FSDP2)
     min_workers: int = 0  # elastic: the fewest workers the run continues with (0: fixed at num_workers)
     resize_interval_s: float = 60.0
+    stage: str = "sft"
+    eval_splits: tuple[str, ...] = ()  # the evaluation sets' names ("eval", or "eval_<dataset>"), set at launch
 
     @property
     def elastic(self) -> bool:
@@ -156,7 +159,7 @@ def make_schedule(cfg: Any, train_rows: int | None) -> Schedule:
     else:
         rows_per_worker = train_rows // cfg.ray_num_workers  # Ray's equal split drops the remainder
         micro = math.ceil(rows_per_worker / cfg.per_device_train_batch_size)
-        steps_per_epoch = max(1, math.ceil(micro / cfg.gradient_accumulation_steps))
+        steps_per_epoch = max(1, math.ceil(micro / STAGES[cfg.stage].micro_batches_per_step(cfg)))
     if cfg.max_steps > 0:
         total = cfg.max_steps
     else:
@@ -209,6 +212,7 @@ def make_plan(cfg: Any, base_dir: str | None = None, train_rows: int | None = No
         sharding=describe_sharding(cfg),
         min_workers=cfg.min_workers() if cfg.is_elastic() else 0,
         resize_interval_s=cfg.ray_resize_interval_s,
+        stage=cfg.stage,
     )
 
 
@@ -268,7 +272,8 @@ def _capacity(node: dict[str, float], bundle: dict[str, float]) -> int:
     return min(fits) if fits else 1_000_000
 
 
-LOCAL_PATH_KEYS = ("model_name_or_path", "dataset_dir", "output_dir", "cache_dir", "ray_storage_path")
+LOCAL_PATH_KEYS = ("model_name_or_path", "dataset_dir", "output_dir", "cache_dir", "ray_storage_path", "ref_model",
+                   "reward_model")  # fmt: skip
 
 
 def with_absolute_paths(cfg: Any, base_dir: str | None = None) -> Any:
@@ -289,9 +294,10 @@ def with_absolute_paths(cfg: Any, base_dir: str | None = None) -> Any:
         value = getattr(cfg, key)
         if isinstance(value, str) and os.path.isfile(resolve_path(value, base_dir)):
             update[key] = load_json_setting(value, base_dir)
-    adapters = [a.strip() for a in (cfg.adapter_name_or_path or "").split(",") if a.strip()]
-    if adapters:
-        update["adapter_name_or_path"] = ",".join(
-            resolve_path(a, base_dir) if os.path.exists(resolve_path(a, base_dir)) else a for a in adapters
-        )
+    for key in ("adapter_name_or_path", "ref_model_adapters", "reward_model_adapters"):
+        adapters = [a.strip() for a in (getattr(cfg, key) or "").split(",") if a.strip()]
+        if adapters:
+            update[key] = ",".join(
+                resolve_path(a, base_dir) if os.path.exists(resolve_path(a, base_dir)) else a for a in adapters
+            )
     return cfg.model_copy(update=update)

@@ -7,9 +7,11 @@ checkpoint files are the real ones.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -29,6 +31,42 @@ def training_rows(count: int = 64, seed: int = 0) -> list[dict[str, list[int]]]:
     return rows
 
 
+def prepared_rows(cfg: Any) -> list[dict[str, Any]]:
+    """The config's (local JSON) datasets through the same pure conversion and processor as Ray Data runs, in this
+    process: what a stage's workers receive, without Ray."""
+    from orchestrator.data.formats import convert
+    from orchestrator.data.processors import PROCESSORS, ProcessorOptions
+    from orchestrator.data.registry import resolve_datasets
+    from orchestrator.data.templates import resolve_template
+    from orchestrator.data.tokenizer import TokenizerSpec, for_data, load_tokenizer
+    from orchestrator.stages import processor_name
+
+    specs, problems = resolve_datasets(cfg.dataset_names(), cfg.dataset_dir, stage=cfg.stage)
+    assert not problems, problems
+    tokenizer = for_data(load_tokenizer(TokenizerSpec.from_config(cfg)))
+    template = resolve_template(cfg.template)
+    examples = []
+    for spec in specs:
+        for path in spec.files:
+            with open(path, encoding="utf-8") as handle:
+                text = handle.read()
+            raw = (
+                json.loads(text) if text.lstrip().startswith("[") else [json.loads(line) for line in text.splitlines()]
+            )
+            examples += [convert(row, spec, cfg.stage) for row in raw]
+    options = ProcessorOptions(cutoff_len=cfg.cutoff_len)
+    columns = PROCESSORS[processor_name(cfg.stage)](tokenizer, template, examples, options).columns
+    rows = [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
+    return rows[: cfg.max_samples] if cfg.max_samples else rows
+
+
+def object_column(values: list[Any]) -> np.ndarray:
+    """A 1-D object array of the values (as Ray Data hands list columns over), even when the lists are equally long."""
+    column = np.empty(len(values), dtype=object)
+    column[:] = values
+    return column
+
+
 class LocalRunIO:
     """Ray Train's side of the loop on plain files: shards, report (a barrier) and checkpoint merging."""
 
@@ -39,15 +77,15 @@ class LocalRunIO:
         shard = self.rows[self.ctx.rank :: self.ctx.world_size]
         for start in range(0, len(shard), self.batch_size):
             chunk = shard[start : start + self.batch_size]
-            yield {key: np.array([row[key] for row in chunk], dtype=object) for key in ("input_ids", "labels")}
+            yield {key: object_column([row[key] for row in chunk]) for key in chunk[0]}
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         target = os.path.join(self.storage, f"checkpoint-{metrics['step']:06d}")
-        dist.barrier()
+        self.ctx.barrier()
         if checkpoint_dir:
             shutil.copytree(checkpoint_dir, target, dirs_exist_ok=True)
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
-        dist.barrier()
+        self.ctx.barrier()
 
     @contextlib.contextmanager
     def latest_checkpoint(self) -> Iterator[str | None]:
@@ -67,9 +105,8 @@ def run_strategy(raw_config: dict[str, Any], storage: str, output_dir: str, rank
     from workers.loop import StageRunner
 
     cfg = with_absolute_paths(validate_config(raw_config))
-    rows = training_rows()
-    plan = make_plan(cfg, train_rows=len(rows)).to_dict()
-    plan.update(output_dir=output_dir, run_dir=storage, eval_splits=[])
+    rows = training_rows() if cfg.stage in ("pt", "sft") else prepared_rows(cfg)
+    plan = replace(make_plan(cfg, train_rows=len(rows)), output_dir=output_dir, run_dir=storage)
     ctx = DistContext(rank=rank, world_size=world, local_rank=rank, device=torch.device("cpu"))
     StageRunner(cfg, plan, ctx, LocalRunIO(ctx, rows, cfg.per_device_train_batch_size, storage)).run()
 

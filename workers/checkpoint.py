@@ -1,5 +1,5 @@
-"""Checkpoint folders: model or adapter, optimizer (one file, or one shard per rank), scheduler, RNG, step and data
-position, manifest last.
+"""Checkpoint folders: model or adapter (and value head), optimizer (one file, or one shard per rank), named components
+(scheduler, stage state), RNG, step and data position, manifest last.
 
 A folder without a complete manifest is never restored from: the manifest is written after every other file and
 lists each one with its size.
@@ -69,27 +69,33 @@ def list_files(folder: str) -> dict[str, int]:
 def save_checkpoint(
     folder: str,
     model: torch.nn.Module,
-    scheduler: Any,
     state: TrainState,
     rng_states: list[dict[str, Any]],
-    tokenizer: Any = None,
-    state_dict: dict[str, torch.Tensor] | None = None,
+    *,
+    weights: dict[str, torch.Tensor] | None = None,
+    components: dict[str, Any] | None = None,
     other_ranks_files: dict[str, int] | None = None,
 ) -> None:
-    """Rank 0's part of a checkpoint: transformers weights (`state_dict` when gathered from shards), scheduler,
-    RNG, state, and the manifest last. The optimizer state is already in the folder (written by the strategy);
+    """Rank 0's part of a checkpoint: the model's own files (`weights` when gathered from shards; a model with a
+    value head writes it beside them), each named component (`scheduler`, `stage_state`, ...) as `<name>.pt`, RNG,
+    state, and the manifest last. Optimizer state is already in the folder (written by the strategy);
     `other_ranks_files` are the files other ranks wrote into their own folders, which Ray merges into this one."""
     os.makedirs(folder, exist_ok=True)
-    model.save_pretrained(os.path.join(folder, "model"), state_dict=state_dict, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(os.path.join(folder, "model"))
-    torch.save(scheduler.state_dict(), os.path.join(folder, "scheduler.pt"))
+    model.save_pretrained(os.path.join(folder, "model"), state_dict=weights, safe_serialization=True)
+    for name, value in (components or {}).items():
+        torch.save(value, os.path.join(folder, f"{name}.pt"))
     torch.save(rng_states, os.path.join(folder, "rng_state.pt"))
     with open(os.path.join(folder, STATE), "w", encoding="utf-8") as handle:
         json.dump(asdict(state), handle, indent=2)
     files = {**(other_ranks_files or {}), **list_files(folder)}
     with open(os.path.join(folder, MANIFEST), "w", encoding="utf-8") as handle:
         json.dump({"format": 1, "step": state.global_step, "files": files}, handle, indent=2)
+
+
+def load_component(folder: str, name: str) -> Any | None:
+    """A named component of a checkpoint, or None when the checkpoint has none of that name."""
+    path = os.path.join(folder, f"{name}.pt")
+    return torch.load(path, map_location="cpu", weights_only=False) if os.path.isfile(path) else None
 
 
 def verify_checkpoint(folder: str) -> dict[str, Any]:
@@ -110,10 +116,10 @@ def read_state(folder: str) -> TrainState:
         return TrainState(**json.load(handle))
 
 
-def restore_checkpoint(folder: str, scheduler: Any, rank: int) -> TrainState:
-    """Scheduler and this rank's RNG from a verified folder (model and optimizer were loaded from it already)."""
+def restore_checkpoint(folder: str, rank: int) -> TrainState:
+    """This rank's RNG and the train state from a verified folder (model, optimizer and components are loaded from
+    it by their owners)."""
     verify_checkpoint(folder)
-    scheduler.load_state_dict(torch.load(os.path.join(folder, "scheduler.pt"), weights_only=False))
     rng_states = torch.load(os.path.join(folder, "rng_state.pt"), weights_only=False)
     if rank < len(rng_states):
         set_rng_state(rng_states[rank])

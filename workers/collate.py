@@ -54,3 +54,19 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
             inputs["attention_mask"] = None
             inputs["use_cache"] = False  # transformers derives the packed mask only when no cache is in play
     return inputs
+
+
+def pad_pairs(columns: dict[str, Any], pad_token_id: int, ignore_pad_token_for_loss: bool = True) -> dict[str, Any]:
+    """chosen/rejected pairs as one batch of 2B rows, the chosen ones first, so one forward pass scores both."""
+    ids = list(columns["chosen_input_ids"]) + list(columns["rejected_input_ids"])
+    labels = list(columns["chosen_labels"]) + list(columns["rejected_labels"])
+    return pad_batch(ids, labels, pad_token_id, ignore_pad_token_for_loss)
+
+
+def pad_feedback(columns: dict[str, Any], pad_token_id: int, ignore_pad_token_for_loss: bool = True) -> dict[str, Any]:
+    """KTO rows: the examples, their mismatched "KL" completions (`kl_` keys) and the desirable tags."""
+    batch = pad_batch(columns["input_ids"], columns["labels"], pad_token_id, ignore_pad_token_for_loss)
+    kl = pad_batch(columns["kl_input_ids"], columns["kl_labels"], pad_token_id, ignore_pad_token_for_loss)
+    batch.update({f"kl_{name}": value for name, value in kl.items()})
+    batch["desirable"] = torch.as_tensor([bool(tag) for tag in columns["kto_tags"]], dtype=torch.bool)
+    return batch

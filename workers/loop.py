@@ -18,13 +18,22 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from orchestrator.plan import RUN_MARKER, accumulation_for
+from orchestrator.plan import RUN_MARKER, RunPlan, accumulation_for
 
-from .checkpoint import TrainState, list_files, restore_checkpoint, rng_state, save_checkpoint, verify_checkpoint
+from .checkpoint import (
+    TrainState,
+    list_files,
+    load_component,
+    restore_checkpoint,
+    rng_state,
+    save_checkpoint,
+    verify_checkpoint,
+)
 from .context import DistContext
-from .model import build_model, load_tokenizer_for, parameter_report, parameter_status
+from .model import load_tokenizer_for, parameter_report, parameter_status
 from .optim import build_optimizer, build_scheduler
-from .stages import get_stage
+from .stages import make_stage
+from .stages.base import merge_metrics, reduce_metrics
 from .strategy import make_strategy
 from .trainlog import TrainerLog
 
@@ -43,13 +52,27 @@ class RunIO(Protocol):
 
 
 @dataclass
+class StepResult:
+    loss: float  # this rank's share of the step's global mean loss (the shares add up to the mean over ranks)
+    tokens: int
+    metrics: dict[str, list[float]]  # name -> [sum, count] on this rank
+
+
+@dataclass
 class Window:
     """What happened since the last log line on this rank."""
 
     loss_total: float = 0.0
     steps: int = 0
     tokens: int = 0
+    metrics: dict[str, list[float]] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
+
+    def add(self, result: StepResult) -> None:
+        self.loss_total += result.loss
+        self.steps += 1
+        self.tokens += result.tokens
+        merge_metrics(self.metrics, {k: (v[0], v[1]) for k, v in result.metrics.items()})
 
 
 def seed_everything(seed: int) -> None:
@@ -83,46 +106,51 @@ def due(step: int, every: int | None, total: int) -> bool:
 class StageRunner:
     """Holds the model, optimizer and state of one worker and advances them step by step."""
 
-    def __init__(self, cfg: Any, plan: dict[str, Any], ctx: DistContext, io: RunIO):
+    def __init__(self, cfg: Any, plan: RunPlan, ctx: DistContext, io: RunIO):
         started = time.perf_counter()
         self.cfg, self.plan, self.ctx, self.io = cfg, plan, ctx, io
-        self.schedule = plan["schedule"]
-        self.stage = get_stage(cfg.stage)
+        self.schedule = plan.schedule
         self.tokenizer = load_tokenizer_for(cfg)
+        self.stage = make_stage(cfg, ctx, self.tokenizer)
         seed_everything(cfg.seed)
         with io.latest_checkpoint() as resume_dir:
             if resume_dir:
                 verify_checkpoint(resume_dir)
             self.strategy = make_strategy(cfg, ctx, io.prepare_model)
             with self.strategy.loading():
-                model = build_model(cfg, os.path.join(resume_dir, "model") if resume_dir else None, self.tokenizer)
+                model = self.stage.build_model(os.path.join(resume_dir, "model") if resume_dir else None)
             ctx.print0(parameter_report(model))
             if cfg.print_param_status:
                 ctx.print0(parameter_status(model))
             self.model, self.optimizer = self.strategy.setup(model, lambda module: build_optimizer(cfg, module))
-            self.scheduler = build_scheduler(
-                cfg, self.strategy.lr_optimizer, self.schedule["warmup_steps"], self.total_steps
-            )
+            self.stage.prepare(self.strategy)
+            self.scheduler = build_scheduler(cfg, self.strategy.lr_optimizer, self.schedule.warmup_steps,
+                                             self.total_steps * self.optimizer_steps_per_step)  # fmt: skip
             self.state = self._resume(resume_dir) if resume_dir else TrainState(total_steps=self.total_steps)
-        self.log = TrainerLog(os.path.join(plan["output_dir"], "trainer_log.jsonl")) if ctx.is_main else None
+        self.log = TrainerLog(os.path.join(plan.output_dir, "trainer_log.jsonl")) if ctx.is_main else None
         if cfg.tf32 is not None and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
             torch.backends.cudnn.allow_tf32 = cfg.tf32
         self.scaler = torch.amp.GradScaler("cuda") if cfg.fp16 and self.strategy.name == "ddp" else None
         self.placement: list[dict[str, Any]] = []  # rank -> node, gathered when the run starts
         # Elastic runs keep the global batch whatever the number of workers, by the accumulation steps.
-        self.accumulation = accumulation_for(plan["global_batch_size"], plan["per_device_batch_size"], ctx.world_size)
-        if plan.get("min_workers"):
-            ctx.print0(f"elastic: {ctx.world_size} workers x {plan['per_device_batch_size']} x {self.accumulation} "
-                       f"accumulation = {ctx.world_size * plan['per_device_batch_size'] * self.accumulation} examples "
-                       f"per step (configured {plan['global_batch_size']})")  # fmt: skip
+        self.accumulation = accumulation_for(plan.global_batch_size, plan.per_device_batch_size, ctx.world_size)
+        if plan.min_workers:
+            ctx.print0(f"elastic: {ctx.world_size} workers x {plan.per_device_batch_size} x {self.accumulation} "
+                       f"accumulation = {ctx.world_size * plan.per_device_batch_size * self.accumulation} examples "
+                       f"per step (configured {plan.global_batch_size})")  # fmt: skip
         took = time.perf_counter() - started
         ctx.print0(f"strategy {self.strategy.name}; worker setup (tokenizer, model, optimizer) took {took:.1f} s")
 
+    optimizer_steps_per_step = 1  # rollout stages take several optimizer steps per logged step
+
     def _resume(self, folder: str) -> TrainState:
-        """Optimizer (through the strategy), scheduler, RNG and data position from a verified checkpoint."""
+        """Optimizer (through the strategy), scheduler, stage state, RNG and data position from a verified
+        checkpoint."""
         self.strategy.load_optimizer(folder)
-        state = restore_checkpoint(folder, self.scheduler, self.ctx.rank)
+        self.scheduler.load_state_dict(load_component(folder, "scheduler"))
+        self.stage.load_state_dict(load_component(folder, "stage_state") or {})
+        state = restore_checkpoint(folder, self.ctx.rank)
         if state.world_size and state.world_size != self.ctx.world_size:
             self.ctx.print0(f"elastic: the checkpoint was written by {state.world_size} workers, "
                             f"this attempt has {self.ctx.world_size}")  # fmt: skip
@@ -133,7 +161,7 @@ class StageRunner:
 
     @property
     def total_steps(self) -> int:
-        return self.schedule["total_steps"]
+        return self.schedule.total_steps
 
     def _precision(self) -> contextlib.AbstractContextManager:
         if (self.cfg.bf16 or self.cfg.fp16) and self.strategy.autocast:
@@ -142,36 +170,42 @@ class StageRunner:
         return contextlib.nullcontext()
 
     def _collate(self, columns: dict[str, Any]) -> dict[str, torch.Tensor]:
-        batch = self.stage.collate(columns, self.tokenizer.pad_token_id, self.cfg.ignore_pad_token_for_loss)
-        return {k: v.to(self.ctx.device) for k, v in batch.items()}
+        return {k: v.to(self.ctx.device) for k, v in self.stage.collate(columns).items()}
 
-    def train_step(self, window: list[dict[str, Any]]) -> tuple[float, int]:
-        """One optimizer step over an accumulation window; loss normalised by the window's label count."""
+    def train_step(self, window: list[dict[str, Any]]) -> StepResult:
+        """One optimizer step over an accumulation window. The loss is the mean over the units (tokens, pairs,
+        examples) of the whole window on all ranks: the window's count is summed over ranks first, and since DDP,
+        ZeRO and FSDP average gradients over ranks, each rank's loss sum is scaled by world size / global count."""
         batches = [self._collate(columns) for columns in window]
-        label_count = max(1, sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches))
-        step_loss = 0.0
+        (global_count,) = self.ctx.sum([sum(self.stage.count(b) for b in batches)])
+        scale = self.ctx.world_size / max(global_count, 1.0)
+        share, metrics = 0.0, {}
         for index, batch in enumerate(batches):
             last = index == len(batches) - 1
             with self.strategy.micro_batch(last), self._precision():
-                loss_sum, _ = self.stage.loss_sum(self.model, batch)
-                loss = loss_sum / label_count
+                output = self.stage.forward(self.model, batch)
+                loss = output.loss_sum * scale
             self.strategy.backward(self.scaler.scale(loss) if self.scaler else loss, last)
-            step_loss += float(loss.detach())
+            share += float(output.loss_sum.detach()) / max(global_count, 1.0)
+            merge_metrics(metrics, output.metrics)
         self.strategy.optimizer_step(self.scaler)
         self.scheduler.step()
         tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-        return step_loss, tokens
+        return StepResult(share, tokens, metrics)
 
-    def evaluate(self, split: str = "eval") -> float:
+    def evaluate(self, split: str = "eval") -> dict[str, float]:
+        """The split's loss (mean over all ranks' units) and the stage's metrics."""
         self.model.eval()
-        loss_total, count = 0.0, 0
+        loss_total, count, metrics = 0.0, 0.0, {}
         with torch.no_grad(), self._precision():
             for columns in self.io.batches(split, 0):
-                loss_sum, n = self.stage.loss_sum(self.model, self._collate(columns))
-                loss_total, count = loss_total + float(loss_sum), count + n
+                batch = self._collate(columns)
+                output = self.stage.forward(self.model, batch)
+                loss_total, count = loss_total + float(output.loss_sum), count + self.stage.count(batch)
+                merge_metrics(metrics, output.metrics)
         self.model.train()
-        loss_total, count = self.ctx.sum([loss_total, count])
-        return loss_total / max(count, 1)
+        merge_metrics(metrics, {"loss": (loss_total, count)})
+        return reduce_metrics(self.ctx, metrics, ("loss",) + self.stage.spec.metrics)
 
     def run(self) -> TrainState:
         self.placement = self.ctx.gather(
@@ -190,14 +224,9 @@ class StageRunner:
         while self.state.global_step < self.total_steps:
             batches = skip(self.io.batches("train", self.state.epoch), self.state.batches_in_epoch)
             for micro_batches in windows(batches, self.accumulation):
-                loss, tokens = self.train_step(micro_batches)
+                window.add(self.train_step(micro_batches))
                 self.state.global_step += 1
                 self.state.batches_in_epoch += len(micro_batches)
-                window.loss_total, window.steps, window.tokens = (
-                    window.loss_total + loss,
-                    window.steps + 1,
-                    window.tokens + tokens,
-                )
                 window = self._after_step(window)
                 if self.state.global_step >= self.total_steps:
                     break
@@ -214,27 +243,29 @@ class StageRunner:
         if STEP_DELAY_S:
             time.sleep(STEP_DELAY_S)
         step, sched = self.state.global_step, self.schedule
-        log_now = due(step, sched["logging_every"], self.total_steps) or (step == 1 and self.cfg.logging_first_step)
-        save_now = due(step, sched["save_every"], self.total_steps)  # save_strategy "no": no checkpoints at all
-        eval_now = due(step, sched["eval_every"], self.total_steps) or (step == self.total_steps and self.cfg.do_eval)
+        log_now = due(step, sched.logging_every, self.total_steps) or (step == 1 and self.cfg.logging_first_step)
+        save_now = due(step, sched.save_every, self.total_steps)  # save_strategy "no": no checkpoints at all
+        eval_now = due(step, sched.eval_every, self.total_steps) or (step == self.total_steps and self.cfg.do_eval)
         if not (log_now or save_now or eval_now):
             return window
         metrics: dict[str, Any] = {"step": step}
-        loss_total, steps, tokens = self.ctx.sum([window.loss_total, window.steps, window.tokens])
+        loss_total, tokens = self.ctx.sum([window.loss_total, window.tokens])
+        stage_metrics = reduce_metrics(self.ctx, window.metrics, self.stage.spec.metrics)
         self.state.tokens_seen += int(tokens)
         if log_now:
             elapsed = time.perf_counter() - window.started
             metrics.update(
-                loss=round(loss_total / max(steps, 1), 6),
+                loss=round(loss_total / max(window.steps, 1), 6),
+                **stage_metrics,
                 learning_rate=self.scheduler.get_last_lr()[0],
-                epoch=round(step / sched["steps_per_epoch"], 4),
+                epoch=round(step / sched.steps_per_epoch, 4),
                 tokens_seen=self.state.tokens_seen,
             )
             if self.cfg.include_effective_tokens_per_second:
                 metrics["effective_tokens_per_sec"] = round(tokens / max(elapsed, 1e-9), 2)
         if eval_now:
-            for split in self.plan.get("eval_splits", ["eval"]):  # "eval", or "eval_<dataset>" per dataset
-                metrics[f"{split}_loss"] = round(self.evaluate(split), 6)
+            for split in self.plan.eval_splits:  # "eval", or "eval_<dataset>" per dataset
+                metrics.update({f"{split}_{name}": value for name, value in self.evaluate(split).items()})
         if self.log and (log_now or eval_now):
             self.log.append(metrics)
         if save_now or step == self.total_steps:
@@ -256,8 +287,9 @@ class StageRunner:
         written = self.ctx.gather(list_files(folder) if folder else {})
         if self.ctx.is_main:
             others = {name: size for files in written[1:] for name, size in files.items()}
-            module = self.strategy.module
-            save_checkpoint(folder, module, self.scheduler, self.state, rng_states, None, weights, others)
+            components = {"scheduler": self.scheduler.state_dict(), "stage_state": self.stage.state_dict()}
+            save_checkpoint(folder, self.strategy.module, self.state, rng_states, weights=weights,
+                            components=components, other_ranks_files=others)  # fmt: skip
         return folder
 
     def finish(self) -> None:
@@ -266,18 +298,18 @@ class StageRunner:
         if self.ctx.is_main:
             model = self.strategy.module
             model.config.use_cache = True
-            model.save_pretrained(self.plan["output_dir"], state_dict=weights, safe_serialization=True)
-            self.tokenizer.save_pretrained(self.plan["output_dir"])
+            model.save_pretrained(self.plan.output_dir, state_dict=weights, safe_serialization=True)
+            self.tokenizer.save_pretrained(self.plan.output_dir)
             self._write_marker("finished")
         self.ctx.barrier()
 
     def _write_marker(self, status: str) -> None:
-        os.makedirs(self.plan["output_dir"], exist_ok=True)
-        path = os.path.join(self.plan["output_dir"], RUN_MARKER)
+        os.makedirs(self.plan.output_dir, exist_ok=True)
+        path = os.path.join(self.plan.output_dir, RUN_MARKER)
         record = {
             "status": status,
-            "run_name": self.plan["run_name"],
-            "run_dir": self.plan["run_dir"],
+            "run_name": self.plan.run_name,
+            "run_dir": self.plan.run_dir,
             "step": self.state.global_step,
             "total_steps": self.total_steps,
             "stage": self.cfg.stage,

@@ -30,6 +30,11 @@ def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    model.requires_grad_(False)
+    return model.eval()
+
+
 class DDPStrategy:
     """Every rank holds the whole model; Ray Train's prepare_model wraps it in DistributedDataParallel."""
 
@@ -81,6 +86,10 @@ class DDPStrategy:
     def load_optimizer(self, folder: str) -> None:
         state = torch.load(os.path.join(folder, OPTIMIZER_FILE), map_location="cpu", weights_only=False)
         self.optimizer.load_state_dict(state)
+
+    def prepare_frozen(self, model: torch.nn.Module) -> torch.nn.Module:
+        """A model that only runs forward passes (reference, reward): on the device, eval mode, no gradients."""
+        return freeze(model).to(self.ctx.device)
 
 
 SHARED_MEMORY_KERNEL = "deepspeed_shm_comm"  # DeepSpeed's name for its CPU shared-memory all-reduce op
@@ -171,6 +180,19 @@ class DeepSpeedStrategy:
     def save_optimizer(self, folder: str) -> None:
         self.engine.save_checkpoint(folder, tag=DEEPSPEED_DIR, save_latest=False)
 
+    def prepare_frozen(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Under ZeRO-3 a frozen model is partitioned too, in an inference engine without an optimizer (build it
+        inside `loading()` so its weights load straight into partitions); below stage 3 it is replicated."""
+        freeze(model)
+        if zero_stage(self.config) != 3:
+            return model.to(self.ctx.device)
+        import deepspeed
+
+        config = {k: v for k, v in self.config.items() if k not in ("optimizer", "scheduler")}
+        zero = {k: v for k, v in config["zero_optimization"].items() if not k.startswith("offload_optimizer")}
+        engine, *_ = deepspeed.initialize(model=model, config={**config, "zero_optimization": zero})
+        return freeze(engine.module)
+
     def load_optimizer(self, folder: str) -> None:
         path, _ = self.engine.load_checkpoint(
             folder, tag=DEEPSPEED_DIR, load_optimizer_states=True, load_lr_scheduler_states=False
@@ -194,6 +216,13 @@ class FSDPStrategy:
         return contextlib.nullcontext()  # every rank loads the whole model, then shards it
 
     def setup(self, model: torch.nn.Module, make_optimizer: MakeOptimizer) -> tuple[torch.nn.Module, Any]:
+        if self.settings.offload and self.ctx.device.type == "cpu":
+            self.ctx.print0("fsdp offload: the workers train on the CPU, where everything already lives")
+        self.model = self.module = self._shard(model)
+        self.optimizer = self.lr_optimizer = make_optimizer(model)
+        return self.model, self.optimizer
+
+    def _shard(self, model: torch.nn.Module) -> torch.nn.Module:
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
         model.to(self.ctx.device)
@@ -202,15 +231,15 @@ class FSDPStrategy:
             options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         if self.settings.offload and self.ctx.device.type != "cpu":
             options["offload_policy"] = CPUOffloadPolicy()
-        elif self.settings.offload:
-            self.ctx.print0("fsdp offload: the workers train on the CPU, where everything already lives")
         if self.settings.wrap_layers:
             for unit in layer_units(model, self.settings.layer_classes):
                 fully_shard(unit, **options)
         fully_shard(model, **options)
-        self.model = self.module = model
-        self.optimizer = self.lr_optimizer = make_optimizer(model)
-        return self.model, self.optimizer
+        return model
+
+    def prepare_frozen(self, model: torch.nn.Module) -> torch.nn.Module:
+        """A frozen model sharded like the policy (its forward gathers each unit in turn), without an optimizer."""
+        return self._shard(freeze(model))
 
     def micro_batch(self, last: bool) -> contextlib.AbstractContextManager:
         self.model.set_requires_gradient_sync(last)  # reduce-scatter only on the window's last micro-batch

@@ -10,23 +10,15 @@ from typing import Any
 
 from ..errors import Problem
 from ..plan import is_uri
+from ..stages import BUILT, REFERENCE_FREE_LOSSES, STAGES, stages_reading
 from .fields import Support
 from .schema import LoomConfig
 from .values import as_dict, split_csv
 
-BUILT_STAGES = ("pt", "sft")
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
-# Keys that only mean something for some stages / methods: setting them elsewhere is a mistake, not a no-op.
-STAGE_SCOPED = {
-    "pref_": ("dpo", "kto"),
-    "dpo_": ("dpo",),
-    "simpo_": ("dpo",),
-    "kto_": ("kto",),
-    "ppo_": ("ppo",),
-    "reward_model": ("ppo",),
-    "ref_model": ("dpo", "kto", "ppo"),
-}
+# Keys that only mean something for some finetuning methods: setting them elsewhere is a mistake, not a no-op.
+# (Stage-scoped keys are named by the stage registry.)
 METHOD_SCOPED = {
     "lora_": "lora",
     "loraplus_": "lora",
@@ -47,13 +39,13 @@ def _non_default(cfg: LoomConfig) -> dict[str, Any]:
 def _scoped(cfg: LoomConfig) -> list[Problem]:
     problems = []
     for key, value in _non_default(cfg).items():
-        for prefix, stages in STAGE_SCOPED.items():
-            if key.startswith(prefix) and cfg.stage not in stages:
-                problems.append(
-                    Problem(
-                        key, f"only used with stage {' or '.join(stages)}, but stage is {cfg.stage!r} (given {value!r})"
-                    )
+        stages = stages_reading(key)
+        if stages and cfg.stage not in stages:
+            problems.append(
+                Problem(
+                    key, f"only used with stage {' or '.join(stages)}, but stage is {cfg.stage!r} (given {value!r})"
                 )
+            )
         for prefix, method in METHOD_SCOPED.items():
             if key.startswith(prefix) and cfg.finetuning_type != method:
                 problems.append(
@@ -85,16 +77,18 @@ def _contradictions(cfg: LoomConfig) -> list[Problem]:
                                      "set val_size or eval_dataset"))  # fmt: skip
     if cfg.eval_strategy == "no" and cfg.eval_steps is not None:
         p.append(Problem("eval_steps", f"given {cfg.eval_steps}, but eval_strategy is 'no'"))
-    if cfg.max_steps <= 0 and cfg.stage in BUILT_STAGES and cfg.num_train_epochs <= 0:
+    if cfg.max_steps <= 0 and cfg.num_train_epochs <= 0:
         p.append(Problem("num_train_epochs", "set max_steps or a positive num_train_epochs"))
     return p
 
 
 def _stage_built(cfg: LoomConfig) -> list[Problem]:
-    if cfg.stage in BUILT_STAGES:
+    if cfg.stage in BUILT:
         return []
-    message = f"given {cfg.stage!r}; training is built for {', '.join(BUILT_STAGES)} (rm/dpo/kto/ppo are not yet; "
-    return [Problem("stage", message + "`loom data` prepares their data)")]
+    message = (
+        f"given {cfg.stage!r}; training is built for {', '.join(BUILT)} (`loom data` prepares the data of any stage)"
+    )
+    return [Problem("stage", message)]
 
 
 def _data(cfg: LoomConfig) -> list[Problem]:
@@ -132,8 +126,9 @@ def _streaming_problems(cfg: LoomConfig) -> list[Problem]:
 
 def _stage_and_values(cfg: LoomConfig) -> list[Problem]:
     p = []
-    if cfg.packing and cfg.stage not in ("pt", "sft"):
-        p.append(Problem("packing", f"packing is for stages pt and sft, not {cfg.stage!r}"))
+    if cfg.packing and not STAGES[cfg.stage].packs:
+        packing = " and ".join(name for name, spec in STAGES.items() if spec.packs)
+        p.append(Problem("packing", f"packing is for stages {packing}, not {cfg.stage!r}"))
     if cfg.lr_scheduler_type == "reduce_lr_on_plateau":
         p.append(Problem("lr_scheduler_type", "reduce_lr_on_plateau is not supported yet"))
     trackers = [cfg.report_to] if isinstance(cfg.report_to, str) else list(cfg.report_to)
@@ -141,6 +136,28 @@ def _stage_and_values(cfg: LoomConfig) -> list[Problem]:
         p.append(Problem("report_to", f"given {cfg.report_to!r}; trackers are not wired yet (use none)"))
     if not cfg.do_train:
         p.append(Problem("do_train", "false: evaluation-only and predict runs are not built yet"))
+    return p
+
+
+def _preference(cfg: LoomConfig) -> list[Problem]:
+    """Preference keys that contradict each other (LLaMA-Factory refuses the same), and the reference's paths."""
+    p = []
+    if cfg.dpo_label_smoothing and cfg.pref_loss != "sigmoid":
+        p.append(Problem("dpo_label_smoothing", f"given {cfg.dpo_label_smoothing}; label smoothing is defined for "
+                                                f"pref_loss sigmoid only, not {cfg.pref_loss!r}"))  # fmt: skip
+    if cfg.stage == "dpo" and cfg.pref_loss in REFERENCE_FREE_LOSSES:
+        for key in ("ref_model", "ref_model_adapters"):
+            if getattr(cfg, key):
+                p.append(Problem(key, f"pref_loss {cfg.pref_loss!r} is reference-free: no reference model is used"))
+    if (
+        cfg.ref_model
+        and not os.path.isfile(os.path.join(cfg.ref_model, "config.json"))
+        and not _HUB_ID.match(cfg.ref_model)
+    ):
+        p.append(Problem("ref_model", f"{cfg.ref_model!r} is not a model folder (no config.json) nor a hub id"))
+    for adapter in split_csv(cfg.ref_model_adapters):
+        if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
+            p.append(Problem("ref_model_adapters", f"{adapter!r} is not an adapter folder (no adapter_config.json)"))
     return p
 
 
@@ -250,6 +267,7 @@ CHECKS: tuple[Callable[[LoomConfig], list[Problem]], ...] = (
     _stage_and_values,
     _data,
     _storage,
+    _preference,
     _elastic,
     _resources,
     _paths,

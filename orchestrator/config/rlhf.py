@@ -4,32 +4,31 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-from orchestrator.config.fields import not_yet
+from orchestrator.config.fields import not_yet, param
 
-REASON = "the rm/dpo/kto/ppo stages are not built yet"
+REASON = "the ppo stage is not built yet"
+QUANTIZED = "quantized loading lands with the quantization work (quantization_bit); load the model unquantized"
 
 
 class RlhfArgs(BaseModel):
-    pref_beta: float = not_yet(0.1, "Beta of the preference loss.", REASON, gt=0)
-    pref_ftx: float = not_yet(0.0, "Weight of the supervised (SFT) loss added to the DPO loss.", REASON, ge=0)
-    pref_loss: Literal["sigmoid", "hinge", "ipo", "kto_pair", "orpo", "simpo"] = not_yet(
-        "sigmoid", "Preference loss used by DPO training.", REASON
+    pref_beta: float = param(0.1, "Beta of the preference loss.", gt=0)
+    pref_ftx: float = param(0.0, "Weight of the supervised (SFT) loss added to the DPO loss.", ge=0)
+    pref_loss: Literal["sigmoid", "hinge", "ipo", "kto_pair", "orpo", "simpo"] = param(
+        "sigmoid", "Preference loss used by DPO training."
     )
-    dpo_label_smoothing: float = not_yet(0.0, "Label smoothing of the DPO loss, in [0, 0.5].", REASON, ge=0, le=0.5)
-    kto_chosen_weight: float = not_yet(1.0, "Weight of the loss on desirable (chosen) examples in KTO.", REASON, ge=0)
-    kto_rejected_weight: float = not_yet(
-        1.0, "Weight of the loss on undesirable (rejected) examples in KTO.", REASON, ge=0
-    )
-    simpo_gamma: float = not_yet(0.5, "Target reward margin of the SimPO loss.", REASON, ge=0)
+    dpo_label_smoothing: float = param(0.0, "Label smoothing of the DPO loss, in [0, 0.5].", ge=0, le=0.5)
+    kto_chosen_weight: float = param(1.0, "Weight of the loss on desirable (chosen) examples in KTO.", ge=0)
+    kto_rejected_weight: float = param(1.0, "Weight of the loss on undesirable (rejected) examples in KTO.", ge=0)
+    simpo_gamma: float = param(0.5, "Target reward margin of the SimPO loss.", ge=0)
     ppo_buffer_size: int = not_yet(1, "Number of mini-batches in one PPO experience buffer.", REASON, ge=1)
     ppo_epochs: int = not_yet(4, "PPO optimisation epochs per experience batch.", REASON, ge=1)
     ppo_score_norm: bool = not_yet(False, "Normalise reward scores in PPO.", REASON)
     ppo_target: float = not_yet(6.0, "Target KL of PPO's adaptive KL controller.", REASON, gt=0)
     ppo_whiten_rewards: bool = not_yet(False, "Whiten rewards before computing PPO advantages.", REASON)
-    ref_model: str | None = not_yet(None, "Reference model for PPO or DPO; defaults to the policy's base.", REASON)
-    ref_model_adapters: str | None = not_yet(None, "Adapter(s) to load on the reference model.", REASON)
+    ref_model: str | None = param(None, "Reference model for PPO or DPO; defaults to the policy's base.")
+    ref_model_adapters: str | None = param(None, "Adapter(s) to load on the reference model.")
     ref_model_quantization_bit: Literal[4, 8] | None = not_yet(
-        None, "Load the reference model quantized to 4 or 8 bits.", REASON
+        None, "Load the reference model quantized to 4 or 8 bits.", QUANTIZED
     )
     reward_model: str | None = not_yet(None, "Reward model used by PPO.", REASON)
     reward_model_adapters: str | None = not_yet(None, "Adapter(s) to load on the reward model.", REASON)

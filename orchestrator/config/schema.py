@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import ConfigDict
 
+from ..stages import STAGES
 from .data import DataArgs
 from .evaluation import EvaluationArgs
 from .export import ExportArgs
@@ -63,7 +64,7 @@ class LoomConfig(*GROUPS):
         return self.min_workers() < self.ray_num_workers
 
     def uses_packing(self) -> bool:
-        return self.packing if self.packing is not None else self.stage == "pt"
+        return self.packing if self.packing is not None else STAGES[self.stage].packs_by_default
 
     def uses_gradient_checkpointing(self) -> bool:
         if self.gradient_checkpointing is not None:

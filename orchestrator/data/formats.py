@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from ..stages import STAGES
 from .registry import ROW_COLUMN, DatasetSpec
 
 Message = dict[str, str]
@@ -287,6 +288,6 @@ def required_columns(spec: DatasetSpec, stage: str) -> list[str]:
     elif spec.ranking:
         core = ["prompt", "chosen", "rejected"]
     else:
-        core = ["prompt"] if stage in ("pt", "ppo") else ["prompt", "response"]
+        core = ["prompt", "response"] if STAGES[stage].needs_response else ["prompt"]
     needed = named + [spec.column(role) for role in core if spec.column(role)]
     return list(dict.fromkeys(needed))

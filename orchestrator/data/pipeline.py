@@ -19,10 +19,11 @@ import pyarrow as pa
 import ray
 from ray.data.expressions import col
 
+from ..stages import processor_name
 from .cache import TokenizedCache, cached_manifest, fingerprint
 from .formats import convert
 from .mixing import mixed_positions
-from .processors import PROCESSORS, ProcessorOptions, id_columns, processor_name
+from .processors import PROCESSORS, ProcessorOptions, id_columns
 from .readers import read_dataset
 from .registry import DatasetSpec
 from .templates import resolve_template

@@ -292,18 +292,5 @@ ID_COLUMNS: dict[str, tuple[str, ...]] = {
 }
 
 
-def processor_name(stage: str, predict: bool = False) -> str:
-    """Which processor prepares a stage's data (as LLaMA-Factory chooses)."""
-    if stage == "pt":
-        return "pretrain"
-    if stage == "sft":
-        return "unsupervised" if predict else "supervised"
-    if stage in ("rm", "dpo"):
-        return "pairwise"
-    if stage == "kto":
-        return "feedback"
-    return "unsupervised"  # ppo
-
-
 def id_columns(name: str, packing: bool) -> tuple[str, ...]:
     return ID_COLUMNS["packed" if name == "supervised" and packing else name]

@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass, field
 
 from ..errors import Problem
+from ..stages import STAGES
 
 FORMATTINGS = ("alpaca", "sharegpt", "openai")
 COLUMN_ROLES = ("prompt", "query", "response", "history", "messages", "system", "tools",
@@ -28,7 +29,6 @@ OPENAI_TAGS = {**SHAREGPT_TAGS, "role_tag": "role", "content_tag": "content", "u
 DEFAULT_TAGS = {"alpaca": SHAREGPT_TAGS, "sharegpt": SHAREGPT_TAGS, "openai": OPENAI_TAGS}
 FILE_TYPES = {".json": "json", ".jsonl": "json", ".txt": "text", ".csv": "csv", ".parquet": "parquet",
               ".arrow": "arrow"}  # fmt: skip
-RANKING_STAGES = ("rm", "dpo")
 ROW_COLUMN = "_loom_row"  # JSON datasets are read as one column of JSON text per row (see readers.py)
 
 
@@ -179,12 +179,15 @@ def _column_problems(entry: dict, formatting: str) -> list[str]:
 
 
 def _stage_problems(spec: DatasetSpec, stage: str, key: str) -> list[Problem]:
-    if spec.ranking and stage not in RANKING_STAGES:
-        return [Problem(key, f"{spec.name!r} is a ranking (chosen/rejected) dataset, for stage rm or dpo, not {stage}")]
-    if not spec.ranking and stage in RANKING_STAGES:
+    wanted = STAGES[stage]
+    if spec.ranking and not wanted.ranking:
+        ranking = " or ".join(name for name, s in STAGES.items() if s.ranking)
+        return [Problem(key, f"{spec.name!r} is a ranking (chosen/rejected) dataset, for stage {ranking}, not {stage}")]
+    if not spec.ranking and wanted.ranking:
         return [Problem(key, f'stage {stage} needs ranking datasets ("ranking": true); {spec.name!r} is not one')]
-    if stage == "kto" and not spec.column("kto_tag"):
-        return [Problem(key, f"stage kto needs a kto_tag column; {spec.name!r} names none under columns")]
+    missing = [role for role in wanted.needs_columns if not spec.column(role)]
+    if missing:
+        return [Problem(key, f"stage {stage} needs a {missing[0]} column; {spec.name!r} names none under columns")]
     return []
 
 

@@ -1,7 +1,9 @@
 """Loom's own demo data, written by us and generated deterministically (`python -m orchestrator.demo` rewrites it).
 
 Small tasks a tiny model can start to learn in a few steps: arithmetic, word games, unit conversions and a few
-facts about Loom itself, in alpaca format for sft and as plain text for pt.
+facts about Loom itself, in alpaca format for sft and as plain text for pt. The preference sets (rm, dpo, and kto's
+desirable/undesirable examples) share one rule a tiny model can learn in a few steps and a test can measure: the
+preferred answer ends with the polite sign-off " Thanks.", the other one with " Whatever.".
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ import random
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 SFT_FILE = "loom_demo_sft.json"
 PT_FILE = "loom_demo_pt.jsonl"
+PREF_FILE = "loom_demo_pref.json"
+KTO_FILE = "loom_demo_kto.json"
+PREFERRED, DISPREFERRED = " Thanks.", " Whatever."
 
 _WORDS = (
     "loom thread cloth weave spindle shuttle warp weft pattern fabric cotton linen silk wool needle button "
@@ -87,6 +92,22 @@ def pt_rows(count: int = 200, seed: int = 11) -> list[dict]:
     return texts
 
 
+def pref_rows(count: int = 300) -> list[dict]:
+    """Ranking rows (alpaca with chosen/rejected): the same answer, signed off politely or not."""
+    return [{"instruction": r["instruction"], "input": r["input"], "chosen": r["output"] + PREFERRED,
+             "rejected": r["output"] + DISPREFERRED} for r in sft_rows(count)]  # fmt: skip
+
+
+def kto_rows(count: int = 300) -> list[dict]:
+    """Unpaired feedback (alpaca with a kto_tag): every other answer is signed off politely and tagged desirable."""
+    rows = []
+    for index, r in enumerate(sft_rows(count)):
+        desirable = index % 2 == 0
+        rows.append({"instruction": r["instruction"], "input": r["input"],
+                     "output": r["output"] + (PREFERRED if desirable else DISPREFERRED), "kto_tag": desirable})  # fmt: skip
+    return rows
+
+
 def demo_texts() -> list[str]:
     return [f"{r['instruction']} {r['input']} {r['output']}" for r in sft_rows()] + [r["text"] for r in pt_rows()]
 
@@ -95,7 +116,13 @@ def dataset_info() -> dict:
     return {
         "loom_demo_sft": {"file_name": SFT_FILE},
         "loom_demo_pt": {"file_name": PT_FILE, "columns": {"prompt": "text"}},
-    }
+        "loom_demo_pref": {"file_name": PREF_FILE, "ranking": True,
+                           "columns": {"prompt": "instruction", "query": "input", "chosen": "chosen",
+                                       "rejected": "rejected"}},
+        "loom_demo_kto": {"file_name": KTO_FILE,
+                          "columns": {"prompt": "instruction", "query": "input", "response": "output",
+                                      "kto_tag": "kto_tag"}},
+    }  # fmt: skip
 
 
 def write_demo_data(folder: str = DATA_DIR) -> str:
@@ -105,6 +132,10 @@ def write_demo_data(folder: str = DATA_DIR) -> str:
         handle.write("\n")
     with open(os.path.join(folder, PT_FILE), "w", encoding="utf-8") as handle:
         handle.writelines(json.dumps(row) + "\n" for row in pt_rows())
+    for name, rows in ((PREF_FILE, pref_rows()), (KTO_FILE, kto_rows())):
+        with open(os.path.join(folder, name), "w", encoding="utf-8") as handle:
+            json.dump(rows, handle, indent=1)
+            handle.write("\n")
     with open(os.path.join(folder, "dataset_info.json"), "w", encoding="utf-8") as handle:
         json.dump(dataset_info(), handle, indent=2)
         handle.write("\n")

@@ -79,7 +79,7 @@ def test_error_message_names_source_and_counts(model_dir):
         ({"finetuning_type": "lora", "freeze_trainable_layers": 4}, "freeze_trainable_layers", "'freeze'"),
         ({"bf16": True, "fp16": True, "resources_per_worker": {"GPU": 1}}, "fp16", "choose one"),
         ({"do_eval": True}, "val_size", "nothing to evaluate"),
-        ({"stage": "dpo"}, "stage", "not yet"),
+        ({"stage": "ppo"}, "stage", "training is built for"),
         ({"interleave_probs": "0.5,0.5"}, "interleave_probs", "needs mix_strategy interleave"),
         ({"mix_strategy": "interleave_over", "interleave_probs": "0.5,0.6"}, "interleave_probs", "1 datasets"),
         ({"stage": "rm", "packing": True}, "packing", "not 'rm'"),
@@ -159,7 +159,7 @@ def test_every_shipped_config_loads(path, model_dir, monkeypatch):
 
 
 def test_data_preparation_accepts_stages_whose_training_is_not_built(model_dir):
-    raw = base(model_dir, stage="dpo")
+    raw = base(model_dir, stage="ppo")
     with pytest.raises(ConfigError, match="loom data"):
         validate_config(raw)
-    assert validate_config(raw, training=False).stage == "dpo"
+    assert validate_config(raw, training=False).stage == "ppo"

@@ -11,7 +11,6 @@ from orchestrator.data.processors import (
     feedback_batch,
     pairwise_batch,
     pretrain_batch,
-    processor_name,
     split_budget,
     supervised_batch,
     supervised_example,
@@ -19,6 +18,7 @@ from orchestrator.data.processors import (
 )
 from orchestrator.data.registry import DatasetSpec
 from orchestrator.data.templates import TEMPLATES, get_template, known_templates
+from orchestrator.stages import processor_name
 from tests.helpers import CharTokenizer
 
 TOK = CharTokenizer()
@@ -195,3 +195,4 @@ def test_unsupervised_prompt_ends_ready_and_labels_hold_the_reference():
                                              ("dpo", "pairwise"), ("kto", "feedback"), ("ppo", "unsupervised")])  # fmt: skip
 def test_each_stage_has_its_processor(stage, name):
     assert processor_name(stage) == name
+    assert processor_name(stage, predict=True) == ("unsupervised" if stage == "sft" else name)

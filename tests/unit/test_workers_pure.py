@@ -7,7 +7,14 @@ import json
 import pytest
 import torch
 
-from workers.checkpoint import IncompleteCheckpoint, TrainState, read_state, save_checkpoint, verify_checkpoint
+from workers.checkpoint import (
+    IncompleteCheckpoint,
+    TrainState,
+    load_component,
+    read_state,
+    save_checkpoint,
+    verify_checkpoint,
+)
 from workers.collate import IGNORE_INDEX, pad_batch
 from workers.loop import due, skip, windows
 from workers.losses import causal_lm_loss_sum
@@ -63,7 +70,8 @@ def test_checkpoint_manifest_detects_partial_writes(tmp_path):
     torch.save(optimizer.state_dict(), folder / "optimizer.pt")  # what the DDP strategy writes first
     other_rank = {"optimizer/__1_0.distcp": 10}  # a file another rank wrote into its own folder
     state = TrainState(global_step=3, epoch=1, batches_in_epoch=2)
-    save_checkpoint(str(folder), model, scheduler, state, [{}], other_ranks_files=other_rank)
+    components = {"scheduler": scheduler.state_dict(), "stage_state": {"kl_coef": 0.25}}
+    save_checkpoint(str(folder), model, state, [{}], components=components, other_ranks_files=other_rank)
     with pytest.raises(IncompleteCheckpoint, match="__1_0.distcp"):  # listed, but Ray has not merged it in yet
         verify_checkpoint(str(folder))
     (folder / "optimizer").mkdir()
@@ -71,6 +79,9 @@ def test_checkpoint_manifest_detects_partial_writes(tmp_path):
     manifest = verify_checkpoint(str(folder))
     assert manifest["step"] == 3 and "optimizer.pt" in manifest["files"]
     assert read_state(str(folder)).batches_in_epoch == 2
+    assert {"scheduler.pt", "stage_state.pt"} <= set(manifest["files"])
+    assert load_component(str(folder), "stage_state") == {"kl_coef": 0.25}
+    assert load_component(str(folder), "value_head") is None
     (folder / "optimizer.pt").write_bytes(b"truncated")
     with pytest.raises(IncompleteCheckpoint, match="optimizer.pt"):
         verify_checkpoint(str(folder))

@@ -1,15 +1,20 @@
-"""One file per stage, each exposing STAGE: an object following `base.Stage`."""
+"""One file per stage, each exposing `Stage`: a class following `base.Stage`, built from the config, the distributed
+context and the tokenizer. Which module holds a stage is the registry's (orchestrator/stages.py) to say."""
 
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
+from orchestrator.stages import STAGES
+
+from ..context import DistContext
 from .base import Stage
 
 
-def get_stage(name: str) -> Stage:
-    if name == "pt":
-        from .pt import STAGE
-    elif name == "sft":
-        from .sft import STAGE
-    else:
-        raise ValueError(f"stage {name!r} is not built yet")
-    return STAGE
+def make_stage(cfg: Any, ctx: DistContext, tokenizer: Any) -> Stage:
+    spec = STAGES[cfg.stage]
+    if not spec.module:
+        raise ValueError(f"stage {cfg.stage!r} is not built yet")
+    module = importlib.import_module(f"{__name__}.{spec.module}")
+    return module.Stage(spec, cfg, ctx, tokenizer)

@@ -2,31 +2,32 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ..collate import model_inputs, pad_batch
+from ..collate import IGNORE_INDEX, model_inputs, pad_batch
 from ..losses import causal_lm_loss_sum
+from .base import BaseStage, StageOutput
 
 
-@dataclass(frozen=True)
-class CausalLMStage:
-    name: str
+class CausalLMStage(BaseStage):
+    """The loss is averaged over labelled tokens of the whole step, across all ranks."""
 
-    def collate(
-        self, columns: dict[str, Any], pad_token_id: int, ignore_pad_token_for_loss: bool
-    ) -> dict[str, torch.Tensor]:
+    def collate(self, columns: dict[str, Any]) -> dict[str, torch.Tensor]:
         return pad_batch(
             columns["input_ids"],
             columns["labels"],
-            pad_token_id,
-            ignore_pad_token_for_loss,
+            self.tokenizer.pad_token_id,
+            self.cfg.ignore_pad_token_for_loss,
             position_ids=columns.get("position_ids"),
             segment_ids=columns.get("segment_ids"),
         )
 
-    def loss_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    def count(self, batch: dict[str, torch.Tensor]) -> float:
+        return float((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+    def forward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> StageOutput:
         logits = model(**model_inputs(batch)).logits
-        return causal_lm_loss_sum(logits, batch["labels"])
+        loss_sum, _ = causal_lm_loss_sum(logits, batch["labels"])
+        return StageOutput(loss_sum)

@@ -1,5 +1,3 @@
 """Supervised fine-tuning: labels are the response tokens; prompts are masked by the supervised processor."""
 
-from .causal_lm import CausalLMStage
-
-STAGE = CausalLMStage("sft")
+from .causal_lm import CausalLMStage as Stage  # noqa: F401

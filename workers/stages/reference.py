@@ -1,0 +1,53 @@
+"""The frozen reference policy of dpo, kto and ppo, built once per worker through the strategy.
+
+With LoRA and no `ref_model`, the reference is the policy itself with its adapter disabled: no second copy of the
+weights in memory. Otherwise it is `ref_model` (default: the policy's own base, `model_name_or_path`) with
+`ref_model_adapters` merged in, frozen and prepared by the strategy (replicated under DDP and ZeRO-1/2, sharded under
+FSDP and ZeRO-3).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+
+from orchestrator.config.values import split_csv
+
+from ..collate import model_inputs
+from ..losses import sequence_logps
+from ..model import load_base_model
+
+
+def load_frozen_model(cfg: Any, path: str, adapters: str | None) -> torch.nn.Module:
+    """A causal LM from `path` with `adapters` (comma-separated) merged in, in eval mode."""
+    from peft import PeftModel
+
+    model = load_base_model(cfg, path)
+    for adapter in split_csv(adapters):
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    return model
+
+
+class Reference:
+    def __init__(self, cfg: Any, strategy: Any, policy: torch.nn.Module):
+        self.shares_policy = cfg.finetuning_type == "lora" and not cfg.ref_model
+        if self.shares_policy:
+            self.model = policy
+            return
+        with strategy.loading():
+            model = load_frozen_model(cfg, cfg.ref_model or cfg.model_name_or_path, cfg.ref_model_adapters)
+        self.model = strategy.prepare_frozen(model)
+
+    def _mode(self) -> contextlib.AbstractContextManager:
+        return self.model.disable_adapter() if self.shares_policy else contextlib.nullcontext()
+
+    @torch.no_grad()
+    def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with self._mode():
+            return self.model(**model_inputs(batch)).logits
+
+    def logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row summed log-probabilities of the labels, and the label counts."""
+        return sequence_logps(self.logits(batch), batch["labels"])
