@@ -135,11 +135,13 @@ def test_same_yaml_runs_under_ray_job_submit(ray_cluster, train_config, tmp_path
     assert checkpoints(os.path.join(raw["ray_storage_path"], "job")) == ["checkpoint-000002", "checkpoint-000004"]
 
 
-def test_killed_worker_is_restarted_from_the_latest_checkpoint(ray_cluster, train_config, tmp_path):
+def test_killed_dpo_worker_is_restarted_from_the_latest_checkpoint(ray_cluster, train_config, tmp_path):
     """ray_max_failures: a worker process killed mid-run restarts the worker group from the committed checkpoint.
-    Under DeepSpeed ZeRO-2 with the optimizer offloaded to the CPU: each rank reloads its own optimizer partition."""
+    A LoRA dpo run (its reference: the policy with the adapter disabled) under DeepSpeed ZeRO-2 with the optimizer
+    offloaded to the CPU: each rank reloads its own optimizer partition, and every step is logged once."""
     zero2_offload = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
-    raw = train_config(max_steps=8, save_steps=2, ray_max_failures=1, ray_run_name="retry", deepspeed=zero2_offload)
+    raw = train_config(max_steps=8, save_steps=2, ray_max_failures=1, ray_run_name="retry", deepspeed=zero2_offload,
+                       stage="dpo", dataset="loom_demo_pref", cutoff_len=96)  # fmt: skip
     config, log = write_yaml(tmp_path / "project", raw), tmp_path / "run.log"
     run_dir = os.path.join(raw["ray_storage_path"], "retry")
     proc = start_slow_run(config, ray_cluster.env(), log, delay_s=1.0)
@@ -158,5 +160,8 @@ def test_killed_worker_is_restarted_from_the_latest_checkpoint(ray_cluster, trai
     output = (tmp_path / "run.log").read_text()
     assert "resumed from step" in output and "strategy deepspeed" in output
     assert steps_logged(raw["output_dir"]) == list(range(1, 9))  # the steps redone after the restart appear once
+    with open(os.path.join(raw["output_dir"], "trainer_log.jsonl")) as handle:
+        margins = [json.loads(line)["rewards/margins"] for line in handle]
+    assert margins[-1] > margins[0], margins  # the resumed run goes on learning the preference
     shards = set(os.listdir(os.path.join(run_dir, checkpoints(run_dir)[-1], "deepspeed")))
     assert {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)} <= shards, shards
