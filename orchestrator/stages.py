@@ -26,6 +26,7 @@ class StageSpec:
     loop: str = "batch"  # "batch": one accumulation window = one optimizer step; "rollout": generate, then update
     unit: str = "tokens"  # what the loss is averaged over, across all ranks: tokens, pairs or examples
     value_head: bool = False  # the trained model carries a scalar value head (saved as value_head.safetensors)
+    evaluates: bool = True  # has an evaluation loss over held-out rows (ppo is judged by its rewards instead)
     keys: tuple[str, ...] = ()  # config keys (prefixes) that only this stage (and others naming them) reads
     metrics: tuple[str, ...] = ()  # what it logs besides the loss
     module: str = ""  # workers.stages.<module> builds it
@@ -69,9 +70,10 @@ STAGES: dict[str, StageSpec] = {
                   module="kto"),
         StageSpec("ppo", "proximal policy optimisation against a reward model", "unsupervised",
                   needs_response=False, loop="rollout", value_head=True,
-                  keys=("ppo_", "reward_model", "ref_model"),
-                  metrics=("reward", "kl", "kl_coef", "policy_loss", "value_loss", "clipfrac", "response_length"),
-                  module=""),  # the rollout loop lands next
+                  keys=("ppo_", "reward_model", "reward_api_", "ref_model"),
+                  metrics=("reward", "kl", "kl_coef", "policy_loss", "value_loss", "clipfrac", "response_length",
+                           "rollout_time", "update_time"),
+                  evaluates=False, module="ppo"),
     )
 }  # fmt: skip
 

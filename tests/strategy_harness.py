@@ -102,13 +102,13 @@ def run_strategy(raw_config: dict[str, Any], storage: str, output_dir: str, rank
     """One rank of a Loom run of `raw_config` (validated like the driver does) over `training_rows()`."""
     from orchestrator.config import validate_config
     from orchestrator.plan import make_plan, with_absolute_paths
-    from workers.loop import StageRunner
+    from workers.loop import make_runner
 
     cfg = with_absolute_paths(validate_config(raw_config))
     rows = training_rows() if cfg.stage in ("pt", "sft") else prepared_rows(cfg)
     plan = replace(make_plan(cfg, train_rows=len(rows)), output_dir=output_dir, run_dir=storage)
     ctx = DistContext(rank=rank, world_size=world, local_rank=rank, device=torch.device("cpu"))
-    StageRunner(cfg, plan, ctx, LocalRunIO(ctx, rows, cfg.per_device_train_batch_size, storage)).run()
+    make_runner(cfg, plan, ctx, LocalRunIO(ctx, rows, cfg.per_device_train_batch_size, storage)).run()
 
 
 def worker(rank: int, world: int, port: int, jobs: list[tuple[dict[str, Any], str, str, str | None]]) -> None:

@@ -70,3 +70,43 @@ def pad_feedback(columns: dict[str, Any], pad_token_id: int, ignore_pad_token_fo
     batch.update({f"kl_{name}": value for name, value in kl.items()})
     batch["desirable"] = torch.as_tensor([bool(tag) for tag in columns["kto_tags"]], dtype=torch.bool)
     return batch
+
+
+def pad_experience(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_token_id: int,
+                   per_token: dict[str, Sequence[torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Prompt + response rows for rollouts: prompts left-padded to one width P, responses right-padded to R, so
+    `logits[:, P - 1 : P - 1 + R]` predict the response tokens of every row. Position ids count attended tokens
+    only (as generation numbered them). `per_token` values (one [len(response)] tensor per row) are right-padded
+    to [B, R] with zeros."""
+    width = max(len(p) for p in prompts)
+    length = max(1, max(len(r) for r in responses))
+    ids = torch.full((len(prompts), width + length), pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
+        ids[row, width - len(prompt) : width] = torch.as_tensor(prompt, dtype=torch.long)
+        ids[row, width : width + len(response)] = torch.as_tensor(response, dtype=torch.long)
+        mask[row, width - len(prompt) : width + len(response)] = 1
+    batch = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
+        "response_mask": mask[:, width:].float(),
+        "prompt_width": torch.tensor(width),
+    }
+    for name, rows in (per_token or {}).items():
+        padded = torch.zeros(len(prompts), length, dtype=torch.float32)
+        for row, values in enumerate(rows):
+            padded[row, : len(values)] = values
+        batch[name] = padded
+    return batch
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts right-aligned for generation: ids and attention mask."""
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for index, row in enumerate(rows):
+        ids[index, width - len(row) :] = torch.as_tensor(row, dtype=torch.long)
+        mask[index, width - len(row) :] = 1
+    return ids, mask

@@ -15,7 +15,7 @@ import torch
 from orchestrator.config.schema import LoomConfig
 
 from .context import DistContext
-from .loop import StageRunner
+from .loop import make_runner
 
 
 class RayRunIO:
@@ -94,4 +94,4 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     cfg = LoomConfig.model_validate(loop_config["config"])
     ctx = build_context()
-    StageRunner(cfg, loop_config["plan"], ctx, RayRunIO(cfg, ctx)).run()
+    make_runner(cfg, loop_config["plan"], ctx, RayRunIO(cfg, ctx)).run()

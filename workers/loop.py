@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from orchestrator.plan import RUN_MARKER, RunPlan, accumulation_for
+from orchestrator.stages import STAGES
 
 from .checkpoint import (
     TrainState,
@@ -103,6 +104,15 @@ def due(step: int, every: int | None, total: int) -> bool:
     return bool(every) and (step % every == 0 or step == total)
 
 
+def make_runner(cfg: Any, plan: RunPlan, ctx: DistContext, io: RunIO) -> StageRunner:
+    """The loop that drives the configured stage, as the stage registry names it."""
+    if STAGES[cfg.stage].loop == "rollout":
+        from .rollout import RolloutRunner
+
+        return RolloutRunner(cfg, plan, ctx, io)
+    return StageRunner(cfg, plan, ctx, io)
+
+
 class StageRunner:
     """Holds the model, optimizer and state of one worker and advances them step by step."""
 
@@ -172,11 +182,18 @@ class StageRunner:
     def _collate(self, columns: dict[str, Any]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.ctx.device) for k, v in self.stage.collate(columns).items()}
 
-    def train_step(self, window: list[dict[str, Any]]) -> StepResult:
+    @property
+    def micro_batches_per_step(self) -> int:
+        return self.accumulation
+
+    def step(self, micro_batches: list[dict[str, Any]]) -> StepResult:
+        """One logged step from the micro-batches of rows it consumes: here, one optimizer step."""
+        return self.train_step([self._collate(columns) for columns in micro_batches])
+
+    def train_step(self, batches: list[dict[str, torch.Tensor]]) -> StepResult:
         """One optimizer step over an accumulation window. The loss is the mean over the units (tokens, pairs,
         examples) of the whole window on all ranks: the window's count is summed over ranks first, and since DDP,
         ZeRO and FSDP average gradients over ranks, each rank's loss sum is scaled by world size / global count."""
-        batches = [self._collate(columns) for columns in window]
         (global_count,) = self.ctx.sum([sum(self.stage.count(b) for b in batches)])
         scale = self.ctx.world_size / max(global_count, 1.0)
         share, metrics = 0.0, {}
@@ -223,8 +240,8 @@ class StageRunner:
         window = Window()
         while self.state.global_step < self.total_steps:
             batches = skip(self.io.batches("train", self.state.epoch), self.state.batches_in_epoch)
-            for micro_batches in windows(batches, self.accumulation):
-                window.add(self.train_step(micro_batches))
+            for micro_batches in windows(batches, self.micro_batches_per_step):
+                window.add(self.step(micro_batches))
                 self.state.global_step += 1
                 self.state.batches_in_epoch += len(micro_batches)
                 window = self._after_step(window)

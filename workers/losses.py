@@ -48,6 +48,13 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return sums, mask.sum(dim=-1).float()
 
 
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log p(token) at each position ([B, T, V], [B, T] -> [B, T]) in fp32, by gather and logsumexp (no
+    vocabulary-sized log_softmax kept)."""
+    picked = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).float()
+    return picked - torch.logsumexp(logits.float(), dim=-1)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Preference losses: every function returns per-pair (or per-example) values, the caller reduces
 # --------------------------------------------------------------------------------------------------------------------

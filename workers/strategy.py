@@ -91,6 +91,11 @@ class DDPStrategy:
         """A model that only runs forward passes (reference, reward): on the device, eval mode, no gradients."""
         return freeze(model).to(self.ctx.device)
 
+    @contextlib.contextmanager
+    def generating(self) -> Iterator[dict[str, Any]]:
+        """Around `generate` on the unwrapped policy: the extra generate() arguments this strategy needs."""
+        yield {}
+
 
 SHARED_MEMORY_KERNEL = "deepspeed_shm_comm"  # DeepSpeed's name for its CPU shared-memory all-reduce op
 
@@ -193,6 +198,12 @@ class DeepSpeedStrategy:
         engine, *_ = deepspeed.initialize(model=model, config={**config, "zero_optimization": zero})
         return freeze(engine.module)
 
+    @contextlib.contextmanager
+    def generating(self) -> Iterator[dict[str, Any]]:
+        """Under ZeRO-3 every rank gathers each layer for every decoding step, so ranks that finish early keep
+        stepping until all are done (synced_gpus)."""
+        yield {"synced_gpus": True} if zero_stage(self.config) == 3 else {}
+
     def load_optimizer(self, folder: str) -> None:
         path, _ = self.engine.load_checkpoint(
             folder, tag=DEEPSPEED_DIR, load_optimizer_states=True, load_lr_scheduler_states=False
@@ -240,6 +251,16 @@ class FSDPStrategy:
     def prepare_frozen(self, model: torch.nn.Module) -> torch.nn.Module:
         """A frozen model sharded like the policy (its forward gathers each unit in turn), without an optimizer."""
         return self._shard(freeze(model))
+
+    @contextlib.contextmanager
+    def generating(self) -> Iterator[dict[str, Any]]:
+        """`generate` runs on a submodule, which bypasses the root unit's hooks: its parameters (embeddings, norm,
+        head) are gathered around it; each layer unit gathers itself per step, so ranks step in sync."""
+        self.model.unshard()
+        try:
+            yield {"synced_gpus": True}
+        finally:
+            self.model.reshard()
 
     def micro_batch(self, last: bool) -> contextlib.AbstractContextManager:
         self.model.set_requires_gradient_sync(last)  # reduce-scatter only on the window's last micro-batch

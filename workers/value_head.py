@@ -9,7 +9,7 @@ token, and apply that linear layer (`score_without_loom` in the tests does exact
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -38,8 +38,15 @@ def load_head_weights(folder: str) -> dict[str, torch.Tensor] | None:
     return {name: stored[key] for name, key in HEAD_KEYS.items()}
 
 
+class ValueOutput(NamedTuple):
+    logits: torch.Tensor | None  # None when asked for values only
+    values: torch.Tensor  # [B, T], the head in fp32 on the last hidden states
+    hidden: torch.Tensor  # [B, T, H], the last hidden states (another head, e.g. PPO's reward, reads them)
+
+
 class ValueHeadModel(torch.nn.Module):
-    """`forward` returns (logits or None, values [B, T]); the head runs in fp32 on the last hidden states."""
+    """A causal LM (or PEFT model) and a scalar head on its last hidden states. Always called through this module,
+    never through `body` alone, so FSDP's root unit (which holds the embeddings and the head) is gathered."""
 
     def __init__(self, body: torch.nn.Module, train_lm_head: bool = True):
         super().__init__()
@@ -61,13 +68,17 @@ class ValueHeadModel(torch.nn.Module):
             self.v_head.load_state_dict(weights)
         return weights is not None
 
-    def forward(self, with_logits: bool = True, **inputs: Any) -> tuple[torch.Tensor | None, torch.Tensor]:
+    def disable_adapter(self) -> Any:
+        """The body without its adapters (the LoRA policy as its own reference)."""
+        return self.body.disable_adapter()
+
+    def forward(self, with_logits: bool = True, **inputs: Any) -> ValueOutput:
         if with_logits:
             output = self.body(**inputs, output_hidden_states=True)
             hidden, logits = output.hidden_states[-1], output.logits
         else:  # the decoder alone: no vocabulary-sized logits for a score
             hidden, logits = base_of(self.body).get_decoder()(**inputs).last_hidden_state, None
-        return logits, self.v_head(hidden.float()).squeeze(-1)
+        return ValueOutput(logits, self.v_head(hidden.float()).squeeze(-1), hidden)
 
     def save_pretrained(self, folder: str, state_dict: dict[str, torch.Tensor] | None = None, **kwargs: Any) -> None:
         """The body as transformers/PEFT saves it, and the head beside it (`state_dict`: gathered weights)."""

@@ -161,6 +161,56 @@ def _preference(cfg: LoomConfig) -> list[Problem]:
     return p
 
 
+def _ppo(cfg: LoomConfig) -> list[Problem]:
+    """What a ppo run needs before any worker starts: a reward of the named kind, and no evaluation set."""
+    if cfg.stage != "ppo":
+        return []
+    p, kind, reward = [], cfg.reward_model_type, cfg.reward_model
+    if not reward:
+        return [Problem("reward_model", f"ppo needs a reward model (reward_model_type {kind!r}: "
+                                        + {"lora": "an adapter folder trained by stage rm",
+                                           "full": "a model folder trained by stage rm",
+                                           "api": "the URL of a scoring endpoint"}[kind] + ")")]  # fmt: skip
+    if kind == "api" and not reward.startswith(("http://", "https://")):
+        p.append(Problem("reward_model", f"given {reward!r}; reward_model_type api needs an http(s) URL"))
+    if kind == "lora":
+        if cfg.finetuning_type != "lora":
+            p.append(Problem("reward_model_type", "lora puts the reward adapter on the policy's own base, so it needs "
+                                                  f"finetuning_type lora, not {cfg.finetuning_type!r}"))  # fmt: skip
+        for name in ("adapter_config.json", "value_head.safetensors"):
+            if not os.path.isfile(os.path.join(reward, name)):
+                p.append(Problem("reward_model", f"{reward!r} has no {name}: a lora reward model is the output of a "
+                                                 "LoRA rm run"))  # fmt: skip
+    if kind == "full":
+        if not os.path.isfile(os.path.join(reward, "config.json")):
+            p.append(Problem("reward_model", f"{reward!r} is not a model folder (no config.json)"))
+        adapters = split_csv(cfg.reward_model_adapters)
+        head = adapters[-1] if adapters else reward
+        if not os.path.isfile(os.path.join(head, "value_head.safetensors")):
+            p.append(Problem("reward_model", f"no value_head.safetensors in {head!r}: a full reward model is the "
+                                             "output of an rm run (with LoRA: reward_model_adapters names it)"))  # fmt: skip
+    for adapter in split_csv(cfg.reward_model_adapters):
+        if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
+            p.append(Problem("reward_model_adapters", f"{adapter!r} is not an adapter folder"))
+    if cfg.reward_model_adapters and kind != "full":
+        p.append(Problem("reward_model_adapters", f"only used with reward_model_type full, not {kind!r}"))
+    if cfg.num_beams > 1:
+        p.append(Problem("num_beams", f"given {cfg.num_beams}; ppo samples its rollouts, beam search is not a policy"))
+    if cfg.is_elastic():
+        p.append(Problem("ray_min_workers", "an elastic ppo run is not built: each rank's rollout buffer is sized "
+                                            "from gradient_accumulation_steps x ppo_buffer_size"))  # fmt: skip
+    return p
+
+
+def _evaluation(cfg: LoomConfig) -> list[Problem]:
+    if STAGES[cfg.stage].evaluates:
+        return []
+    keys = {"do_eval": cfg.do_eval, "eval_strategy": cfg.eval_strategy != "no", "val_size": cfg.val_size > 0,
+            "eval_dataset": bool(cfg.eval_dataset)}  # fmt: skip
+    return [Problem(key, f"stage {cfg.stage} has no evaluation loss (it is judged by the rewards it logs)")
+            for key, set_ in keys.items() if set_]  # fmt: skip
+
+
 def _elastic(cfg: LoomConfig) -> list[Problem]:
     if cfg.ray_min_workers is None:
         return []
@@ -268,6 +318,7 @@ CHECKS: tuple[Callable[[LoomConfig], list[Problem]], ...] = (
     _data,
     _storage,
     _preference,
+    _evaluation,
     _elastic,
     _resources,
     _paths,
@@ -276,8 +327,9 @@ CHECKS: tuple[Callable[[LoomConfig], list[Problem]], ...] = (
 
 
 def cross_field_problems(cfg: LoomConfig, training: bool = True) -> list[Problem]:
-    """Every cross-field problem; `training=False` (loom data) accepts stages whose training is not built yet."""
-    checks = CHECKS + (_stage_built,) if training else CHECKS
+    """Every cross-field problem; `training=False` (loom data) skips what only training needs (a built stage,
+    ppo's reward model)."""
+    checks = CHECKS + (_stage_built, _ppo) if training else CHECKS
     return [problem for check in checks for problem in check(cfg)]
 
 

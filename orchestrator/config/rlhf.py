@@ -6,7 +6,6 @@ from pydantic import BaseModel
 
 from orchestrator.config.fields import not_yet, param
 
-REASON = "the ppo stage is not built yet"
 QUANTIZED = "quantized loading lands with the quantization work (quantization_bit); load the model unquantized"
 
 
@@ -20,21 +19,30 @@ class RlhfArgs(BaseModel):
     kto_chosen_weight: float = param(1.0, "Weight of the loss on desirable (chosen) examples in KTO.", ge=0)
     kto_rejected_weight: float = param(1.0, "Weight of the loss on undesirable (rejected) examples in KTO.", ge=0)
     simpo_gamma: float = param(0.5, "Target reward margin of the SimPO loss.", ge=0)
-    ppo_buffer_size: int = not_yet(1, "Number of mini-batches in one PPO experience buffer.", REASON, ge=1)
-    ppo_epochs: int = not_yet(4, "PPO optimisation epochs per experience batch.", REASON, ge=1)
-    ppo_score_norm: bool = not_yet(False, "Normalise reward scores in PPO.", REASON)
-    ppo_target: float = not_yet(6.0, "Target KL of PPO's adaptive KL controller.", REASON, gt=0)
-    ppo_whiten_rewards: bool = not_yet(False, "Whiten rewards before computing PPO advantages.", REASON)
+    ppo_buffer_size: int = param(1, "Number of mini-batches in one PPO experience buffer.", ge=1)
+    ppo_epochs: int = param(4, "PPO optimisation epochs per experience batch.", ge=1)
+    ppo_score_norm: bool = param(False, "Normalise reward scores in PPO.")
+    ppo_target: float = param(6.0, "Target KL of PPO's adaptive KL controller.", gt=0)
+    ppo_whiten_rewards: bool = param(False, "Whiten rewards before computing PPO advantages.")
     ref_model: str | None = param(None, "Reference model for PPO or DPO; defaults to the policy's base.")
     ref_model_adapters: str | None = param(None, "Adapter(s) to load on the reference model.")
     ref_model_quantization_bit: Literal[4, 8] | None = not_yet(
         None, "Load the reference model quantized to 4 or 8 bits.", QUANTIZED
     )
-    reward_model: str | None = not_yet(None, "Reward model used by PPO.", REASON)
-    reward_model_adapters: str | None = not_yet(None, "Adapter(s) to load on the reward model.", REASON)
+    reward_model: str | None = param(None, "Reward model used by PPO.")
+    reward_model_adapters: str | None = param(None, "Adapter(s) to load on the reward model.")
     reward_model_quantization_bit: Literal[4, 8] | None = not_yet(
-        None, "Load the reward model quantized to 4 or 8 bits.", REASON
+        None, "Load the reward model quantized to 4 or 8 bits.", QUANTIZED
     )
-    reward_model_type: Literal["lora", "full", "api"] = not_yet(
-        "lora", "Kind of reward model for PPO: a LoRA adapter, a full model or an API endpoint.", REASON
+    reward_model_type: Literal["lora", "full", "api"] = param(
+        "lora", "Kind of reward model for PPO: a LoRA adapter, a full model or an API endpoint."
+    )
+    reward_api_timeout_s: float = param(
+        30.0, "ppo with reward_model_type api: seconds to wait for one scoring request.", source="loom", gt=0
+    )
+    reward_api_retries: int = param(
+        3,
+        "ppo with reward_model_type api: retries of a failed scoring request (backoff 0.5 s doubling).",
+        source="loom",
+        ge=0,
     )

@@ -46,7 +46,8 @@ class Reference:
     @torch.no_grad()
     def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with self._mode():
-            return self.model(**model_inputs(batch)).logits
+            output = self.model(**model_inputs(batch))
+        return output[0] if isinstance(output, tuple) else output.logits  # a ValueHeadModel answers a tuple
 
     def logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-row summed log-probabilities of the labels, and the label counts."""

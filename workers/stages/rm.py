@@ -18,7 +18,7 @@ from .dpo import split_pairs
 
 def scores(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """One score per row: the value head at the row's last attended token."""
-    _, values = model(with_logits=False, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    values = model(with_logits=False, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).values
     rows = torch.arange(values.shape[0], device=values.device)
     return values[rows, last_token_index(batch["attention_mask"])]
 
