@@ -50,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("overrides", nargs="*", help="key=value overrides of the base config")
     tune.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
     tune.add_argument("--check", action="store_true", help="validate the sweep and its files, run nothing")
+    pipe = commands.add_parser("pipeline", help="run a list of stages (e.g. sft -> rm -> ppo) as one job")
+    pipe.add_argument("pipeline", help="pipeline YAML: name, storage_path, stages (name, config, overrides)")
+    pipe.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
+    pipe.add_argument("--check", action="store_true", help="validate every stage and its files, run nothing")
     return parser
 
 
@@ -147,6 +151,26 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    from .pipeline import check_pipeline, load_pipeline, run_pipeline
+
+    started = time.perf_counter()
+    pipeline = load_pipeline(args.pipeline)
+    print(pipeline.describe())
+    if args.check:
+        check_pipeline(pipeline, args.pipeline)
+        print("check         every stage's config, data and models are valid (nothing was run)")
+        return 0
+    for status, stage, outcome in run_pipeline(pipeline, args.pipeline, args.address):
+        if status == "skipped":
+            print(f"stage {stage.name:<7} finished earlier, skipped ({stage.output_dir})")
+            continue
+        final = {k: v for k, v in outcome.metrics.items() if k in ("step", "loss", "eval_loss", "reward")}
+        print(f"stage {stage.name:<7} {json.dumps(final)}  (start: {outcome.start}; model {outcome.output_dir})")
+    print(f"pipeline done in {time.perf_counter() - started:.1f} s")
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from .config import load_config
     from .generate import generate
@@ -189,6 +213,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 COMMANDS = {
     "train": cmd_train,
     "plan": cmd_plan,
+    "pipeline": cmd_pipeline,
     "quickstart": cmd_quickstart,
     "generate": cmd_generate,
     "tiny-model": cmd_tiny_model,

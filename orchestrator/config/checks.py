@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextvars import ContextVar
 from typing import Any
 
 from ..errors import Problem
@@ -16,6 +18,23 @@ from .schema import LoomConfig
 from .values import as_dict, split_csv
 
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+_PROMISED: ContextVar[frozenset[str]] = ContextVar("promised_outputs", default=frozenset())
+
+
+@contextlib.contextmanager
+def promised_outputs(folders: Iterable[str]) -> Iterator[None]:
+    """Folders an earlier stage of a pipeline will write: the checks take them as holding what they need."""
+    token = _PROMISED.set(frozenset(folders))
+    try:
+        yield
+    finally:
+        _PROMISED.reset(token)
+
+
+def has_file(folder: str, name: str) -> bool:
+    """Whether `folder` holds `name` (or is a pipeline stage's output, promised to)."""
+    return folder in _PROMISED.get() or os.path.isfile(os.path.join(folder, name))
+
 
 # Keys that only mean something for some finetuning methods: setting them elsewhere is a mistake, not a no-op.
 # (Stage-scoped keys are named by the stage registry.)
@@ -149,14 +168,10 @@ def _preference(cfg: LoomConfig) -> list[Problem]:
         for key in ("ref_model", "ref_model_adapters"):
             if getattr(cfg, key):
                 p.append(Problem(key, f"pref_loss {cfg.pref_loss!r} is reference-free: no reference model is used"))
-    if (
-        cfg.ref_model
-        and not os.path.isfile(os.path.join(cfg.ref_model, "config.json"))
-        and not _HUB_ID.match(cfg.ref_model)
-    ):
+    if cfg.ref_model and not has_file(cfg.ref_model, "config.json") and not _HUB_ID.match(cfg.ref_model):
         p.append(Problem("ref_model", f"{cfg.ref_model!r} is not a model folder (no config.json) nor a hub id"))
     for adapter in split_csv(cfg.ref_model_adapters):
-        if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
+        if not has_file(adapter, "adapter_config.json"):
             p.append(Problem("ref_model_adapters", f"{adapter!r} is not an adapter folder (no adapter_config.json)"))
     return p
 
@@ -178,19 +193,19 @@ def _ppo(cfg: LoomConfig) -> list[Problem]:
             p.append(Problem("reward_model_type", "lora puts the reward adapter on the policy's own base, so it needs "
                                                   f"finetuning_type lora, not {cfg.finetuning_type!r}"))  # fmt: skip
         for name in ("adapter_config.json", "value_head.safetensors"):
-            if not os.path.isfile(os.path.join(reward, name)):
+            if not has_file(reward, name):
                 p.append(Problem("reward_model", f"{reward!r} has no {name}: a lora reward model is the output of a "
                                                  "LoRA rm run"))  # fmt: skip
     if kind == "full":
-        if not os.path.isfile(os.path.join(reward, "config.json")):
+        if not has_file(reward, "config.json"):
             p.append(Problem("reward_model", f"{reward!r} is not a model folder (no config.json)"))
         adapters = split_csv(cfg.reward_model_adapters)
         head = adapters[-1] if adapters else reward
-        if not os.path.isfile(os.path.join(head, "value_head.safetensors")):
+        if not has_file(head, "value_head.safetensors"):
             p.append(Problem("reward_model", f"no value_head.safetensors in {head!r}: a full reward model is the "
                                              "output of an rm run (with LoRA: reward_model_adapters names it)"))  # fmt: skip
     for adapter in split_csv(cfg.reward_model_adapters):
-        if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
+        if not has_file(adapter, "adapter_config.json"):
             p.append(Problem("reward_model_adapters", f"{adapter!r} is not an adapter folder"))
     if cfg.reward_model_adapters and kind != "full":
         p.append(Problem("reward_model_adapters", f"only used with reward_model_type full, not {kind!r}"))
@@ -248,12 +263,14 @@ def _paths(cfg: LoomConfig) -> list[Problem]:
     model = cfg.model_name_or_path
     if not model:
         p.append(Problem("model_name_or_path", "is required (a local model folder or a hub id)"))
+    elif model in _PROMISED.get():
+        pass
     elif not os.path.isdir(model) and not (_HUB_ID.match(model) and not model.startswith((".", "/", "~"))):
         p.append(Problem("model_name_or_path", f"folder {model!r} does not exist"))
-    elif os.path.isdir(model) and not os.path.isfile(os.path.join(model, "config.json")):
+    elif os.path.isdir(model) and not has_file(model, "config.json"):
         p.append(Problem("model_name_or_path", f"folder {model!r} has no config.json"))
     for adapter in split_csv(cfg.adapter_name_or_path):
-        if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
+        if not has_file(adapter, "adapter_config.json"):
             p.append(Problem("adapter_name_or_path", f"{adapter!r} is not an adapter folder (no adapter_config.json)"))
     if cfg.adapter_name_or_path and cfg.finetuning_type != "lora":
         p.append(

@@ -158,9 +158,9 @@ def test_config_is_frozen_and_round_trips(model_dir):
 
 @pytest.mark.parametrize(
     "path",
-    sorted(p for p in (REPO / "configs").glob("*.yaml") if not p.name.startswith("sweep_")),
+    sorted(p for p in (REPO / "configs").glob("*.yaml") if not p.name.startswith(("sweep_", "pipeline_"))),
     ids=lambda p: p.name,
-)  # sweep_*.yaml are `loom tune` sweeps, loaded by tests/unit/test_sweep.py
+)  # sweep_*.yaml (`loom tune`) and pipeline_*.yaml (`loom pipeline`) are loaded by their own tests
 def test_every_shipped_config_loads(path, model_dir, monkeypatch):
     """Each example config validates (model path swapped for a stand-in; relative paths from the repo root)."""
     monkeypatch.chdir(REPO)
