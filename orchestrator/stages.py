@@ -61,11 +61,11 @@ STAGES: dict[str, StageSpec] = {
                   ranking=True, unit="pairs", value_head=True,
                   metrics=("accuracy", "scores/chosen", "scores/rejected"), module="rm"),
         StageSpec("dpo", "direct preference optimisation, with every pref_loss", "pairwise", ranking=True,
-                  unit="pairs", keys=("pref_", "dpo_", "simpo_", "ref_model"),
+                  unit="pairs", keys=("pref_", "dpo_", "simpo_", "ref_model", "precompute_ref"),
                   metrics=PREFERENCE_METRICS + ("sft_loss",), module="dpo"),
         StageSpec("kto", "Kahneman-Tversky optimisation on desirable/undesirable examples", "feedback",
                   needs_columns=("kto_tag",), unit="examples",
-                  keys=("pref_beta", "pref_ftx", "kto_", "ref_model"),
+                  keys=("pref_beta", "pref_ftx", "kto_", "ref_model", "precompute_ref"),
                   metrics=("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "kl"),
                   module="kto"),
         StageSpec("ppo", "proximal policy optimisation against a reward model", "unsupervised",
@@ -87,6 +87,18 @@ def stage_spec(name: str) -> StageSpec:
 def stages_reading(key: str) -> tuple[str, ...]:
     """The stages that read a stage-scoped key; () when the key is not stage-scoped."""
     return tuple(name for name, spec in STAGES.items() if any(key.startswith(prefix) for prefix in spec.keys))
+
+
+def reference_source(cfg: Any) -> tuple[str, str | None]:
+    """The model (and adapters merged into it) that serves as the frozen reference: `ref_model` with its adapters;
+    for LoRA without one, the base with all but the trained adapter merged (the policy with its adapter disabled);
+    otherwise the initial policy, `model_name_or_path`."""
+    if cfg.ref_model:
+        return cfg.ref_model, cfg.ref_model_adapters
+    if cfg.finetuning_type == "lora":
+        adapters = [a.strip() for a in (cfg.adapter_name_or_path or "").split(",") if a.strip()]
+        return cfg.model_name_or_path, ",".join(adapters[:-1]) or None
+    return cfg.model_name_or_path, None
 
 
 def processor_name(stage: str, predict: bool = False) -> str:

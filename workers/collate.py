@@ -60,7 +60,14 @@ def pad_pairs(columns: dict[str, Any], pad_token_id: int, ignore_pad_token_for_l
     """chosen/rejected pairs as one batch of 2B rows, the chosen ones first, so one forward pass scores both."""
     ids = list(columns["chosen_input_ids"]) + list(columns["rejected_input_ids"])
     labels = list(columns["chosen_labels"]) + list(columns["rejected_labels"])
-    return pad_batch(ids, labels, pad_token_id, ignore_pad_token_for_loss)
+    batch = pad_batch(ids, labels, pad_token_id, ignore_pad_token_for_loss)
+    if "ref_chosen_logps" in columns:  # precomputed reference log-probs (precompute_ref_logps)
+        batch["ref_logps"] = torch.cat([_floats(columns["ref_chosen_logps"]), _floats(columns["ref_rejected_logps"])])
+    return batch
+
+
+def _floats(values: Any) -> torch.Tensor:
+    return torch.as_tensor(list(values), dtype=torch.float32)
 
 
 def pad_feedback(columns: dict[str, Any], pad_token_id: int, ignore_pad_token_for_loss: bool = True) -> dict[str, Any]:
@@ -69,6 +76,8 @@ def pad_feedback(columns: dict[str, Any], pad_token_id: int, ignore_pad_token_fo
     kl = pad_batch(columns["kl_input_ids"], columns["kl_labels"], pad_token_id, ignore_pad_token_for_loss)
     batch.update({f"kl_{name}": value for name, value in kl.items()})
     batch["desirable"] = torch.as_tensor([bool(tag) for tag in columns["kto_tags"]], dtype=torch.bool)
+    if "ref_logps" in columns:  # precomputed reference log-probs (precompute_ref_logps)
+        batch["ref_logps"], batch["kl_ref_logps"] = _floats(columns["ref_logps"]), _floats(columns["ref_kl_logps"])
     return batch
 
 

@@ -164,8 +164,10 @@ def _preference(cfg: LoomConfig) -> list[Problem]:
     if cfg.dpo_label_smoothing and cfg.pref_loss != "sigmoid":
         p.append(Problem("dpo_label_smoothing", f"given {cfg.dpo_label_smoothing}; label smoothing is defined for "
                                                 f"pref_loss sigmoid only, not {cfg.pref_loss!r}"))  # fmt: skip
+    if cfg.precompute_ref_logps and cfg.streaming:
+        p.append(Problem("precompute_ref_logps", "needs the whole dataset before training; turn streaming off"))
     if cfg.stage == "dpo" and cfg.pref_loss in REFERENCE_FREE_LOSSES:
-        for key in ("ref_model", "ref_model_adapters"):
+        for key in ("ref_model", "ref_model_adapters", "precompute_ref_logps"):
             if getattr(cfg, key):
                 p.append(Problem(key, f"pref_loss {cfg.pref_loss!r} is reference-free: no reference model is used"))
     if cfg.ref_model and not has_file(cfg.ref_model, "config.json") and not _HUB_ID.match(cfg.ref_model):

@@ -46,3 +46,10 @@ class RlhfArgs(BaseModel):
         source="loom",
         ge=0,
     )
+    precompute_ref_logps: bool = param(
+        False,
+        "dpo/kto: compute every row's reference log-probabilities once, before training, in a Ray Data pass over "
+        "actors holding the reference (cached with tokenized_path); the training workers then hold no reference "
+        "model.",
+        source="loom",
+    )

@@ -50,6 +50,15 @@ def _tokenizer_digest(model: str) -> str:
     return hashlib.blake2b("".join(_file_digest(f) for f in files).encode(), digest_size=12).hexdigest()
 
 
+def _weights_digest(folder: str) -> str:
+    """The weight files of a model or adapter folder (hub ids by name)."""
+    if not os.path.isdir(folder):
+        return f"hub:{folder}"
+    names = sorted(n for n in os.listdir(folder) if n.endswith((".safetensors", ".bin")))
+    return hashlib.blake2b("".join(_file_digest(os.path.join(folder, n)) for n in names).encode(),
+                           digest_size=12).hexdigest()  # fmt: skip
+
+
 def _dataset_entry(spec: DatasetSpec) -> dict:
     return {"name": spec.name, "formatting": spec.formatting, "columns": spec.columns,
             "files": {os.path.basename(f): _file_digest(f) for f in spec.files}}  # fmt: skip
@@ -62,6 +71,12 @@ def fingerprint(cfg: Any, specs: list[DatasetSpec], eval_specs: list[DatasetSpec
     values["tokenizer"] = _tokenizer_digest(cfg.model_name_or_path)
     values["datasets"] = [_dataset_entry(spec) for spec in specs]
     values["eval_datasets"] = [_dataset_entry(spec) for spec in eval_specs]
+    if getattr(cfg, "precompute_ref_logps", False):  # the reference's log-probs are cached with the tokens
+        from ..stages import reference_source
+
+        path, adapters = reference_source(cfg)
+        values["reference"] = {"model": _weights_digest(path), "adapters": [_weights_digest(a) for a in
+                                                                             (adapters or "").split(",") if a]}  # fmt: skip
     values["format_version"] = FORMAT_VERSION
     return json.loads(json.dumps(values, default=str))
 

@@ -344,6 +344,12 @@ def prepare_data(cfg: Any, specs: list[DatasetSpec], eval_specs: list[DatasetSpe
     if manifest is not None:
         return _read_cached(cfg, TokenizedCache(cfg.tokenized_path), manifest)
     data = build_datasets(cfg, specs, eval_specs)
+    if cfg.precompute_ref_logps:
+        from .reference import with_reference_logps
+
+        data.train = with_reference_logps(data.train, cfg)
+        data.evals = {name: with_reference_logps(ds, cfg) for name, ds in data.evals.items()}
+        data.summary["reference"] = "precomputed log-probabilities (the workers load no reference model)"
     if cfg.tokenized_path:
         _write_cache(cfg, data, fingerprint(cfg, specs, eval_specs))
     return data

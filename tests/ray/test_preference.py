@@ -102,3 +102,47 @@ def test_preference_configs_with_the_wrong_data_stop_at_the_driver(ray_cluster, 
         run(preference_config(stage="dpo", dataset="loom_demo_sft"), ray_cluster)
     with pytest.raises(ConfigError, match="needs a kto_tag column"):
         run(preference_config(stage="kto", dataset="loom_demo_sft"), ray_cluster)
+
+
+def test_precomputed_reference_gives_the_online_loss_and_trains(ray_cluster, preference_config, tiny_model):
+    """precompute_ref_logps: Ray Data actors add each pair's reference log-probs to the data. On the same batch,
+    the dpo stage's loss from those columns equals its loss with the online reference (the LoRA policy with its
+    adapter disabled), for a policy that differs from the reference; then a run trains on them."""
+    from orchestrator.config import validate_config
+    from orchestrator.data.pipeline import prepare_data
+    from orchestrator.preflight import preflight
+    from workers.context import single_process_context
+    from workers.model import load_tokenizer_for
+    from workers.stages import make_stage
+    from workers.strategy import DDPStrategy
+
+    cfg = validate_config(preference_config(stage="dpo", precompute_ref_logps=True, max_samples=48, val_size=0,
+                                            do_eval=False, eval_strategy="no", eval_steps=None))  # fmt: skip
+    data = prepare_data(cfg, preflight(cfg, "test"))
+    rows = data.train.take_batch(8, batch_format="numpy")
+    assert data.summary["reference"].startswith("precomputed")
+    ctx, tokenizer = single_process_context(), load_tokenizer_for(cfg)
+    losses = {}
+    for precomputed in (False, True):
+        stage_cfg = cfg.model_copy(update={"precompute_ref_logps": precomputed})
+        stage = make_stage(stage_cfg, ctx, tokenizer)
+        torch.manual_seed(0)
+        model = stage.build_model(None)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(std=0.05)  # the policy moves away from its reference
+        strategy = DDPStrategy(stage_cfg, ctx, lambda m: m)
+        strategy.setup(model, lambda m: torch.optim.SGD(m.parameters(), lr=0.0))
+        stage.prepare(strategy)
+        columns = rows if precomputed else {k: v for k, v in rows.items() if not k.startswith("ref_")}
+        batch = stage.collate(columns)
+        assert ("ref_logps" in batch) is precomputed
+        with torch.no_grad():
+            losses[precomputed] = float(stage.forward(model, batch).loss_sum)
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5) and losses[True] != pytest.approx(8 * 0.693147)
+
+    outcome = run(preference_config(stage="dpo", precompute_ref_logps=True), ray_cluster)
+    final = logged(outcome.output_dir)[-1]
+    assert final["eval_rewards/margins"] > 0.5, final
+    assert outcome.data_summary["reference"].startswith("precomputed")

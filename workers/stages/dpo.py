@@ -16,7 +16,7 @@ from orchestrator.stages import REFERENCE_FREE_LOSSES
 from ..collate import model_inputs, pad_pairs
 from ..losses import dpo_loss, orpo_loss, sequence_logps, simpo_loss
 from .base import BaseStage, StageOutput, add_metric
-from .reference import Reference
+from .reference import make_reference
 
 LENGTH_AVERAGED = ("ipo", "orpo", "simpo")
 
@@ -38,7 +38,7 @@ def preference_loss(cfg: Any, policy: tuple[torch.Tensor, torch.Tensor], referen
 class Stage(BaseStage):
     def prepare(self, strategy: Any) -> None:
         super().prepare(strategy)
-        self.reference = None if self.cfg.pref_loss in REFERENCE_FREE_LOSSES else Reference(
+        self.reference = None if self.cfg.pref_loss in REFERENCE_FREE_LOSSES else make_reference(
             self.cfg, strategy, strategy.module
         )  # fmt: skip
 

@@ -12,7 +12,7 @@ import torch
 from ..collate import model_inputs, pad_feedback
 from ..losses import kto_kl_baseline, kto_loss, sequence_logps
 from .base import BaseStage, StageOutput, add_metric
-from .reference import Reference
+from .reference import make_reference
 
 
 def kl_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -22,7 +22,7 @@ def kl_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 class Stage(BaseStage):
     def prepare(self, strategy: Any) -> None:
         super().prepare(strategy)
-        self.reference = Reference(self.cfg, strategy, strategy.module)
+        self.reference = make_reference(self.cfg, strategy, strategy.module)
 
     def collate(self, columns: dict[str, Any]) -> dict[str, torch.Tensor]:
         return pad_feedback(columns, self.tokenizer.pad_token_id, self.cfg.ignore_pad_token_for_loss)

@@ -14,8 +14,9 @@ from typing import Any
 import torch
 
 from orchestrator.config.values import split_csv
+from orchestrator.stages import reference_source
 
-from ..collate import model_inputs
+from ..collate import IGNORE_INDEX, model_inputs
 from ..losses import sequence_logps
 from ..model import load_base_model
 
@@ -37,7 +38,7 @@ class Reference:
             self.model = policy
             return
         with strategy.loading():
-            model = load_frozen_model(cfg, cfg.ref_model or cfg.model_name_or_path, cfg.ref_model_adapters)
+            model = load_frozen_model(cfg, *reference_source(cfg))
         self.model = strategy.prepare_frozen(model)
 
     def _mode(self) -> contextlib.AbstractContextManager:
@@ -52,3 +53,21 @@ class Reference:
     def logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-row summed log-probabilities of the labels, and the label counts."""
         return sequence_logps(self.logits(batch), batch["labels"])
+
+
+class PrecomputedReference:
+    """precompute_ref_logps: the reference's log-probs arrived with the batch (computed by Ray Data before
+    training); the workers hold no reference model."""
+
+    def logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return batch["ref_logps"], (batch["labels"][:, 1:] != IGNORE_INDEX).sum(dim=-1).float()
+
+
+def make_reference(cfg: Any, strategy: Any, policy: torch.nn.Module) -> Reference | PrecomputedReference:
+    if cfg.precompute_ref_logps:
+        strategy.ctx.print0("reference: log-probs precomputed by Ray Data; no reference model on the workers")
+        return PrecomputedReference()
+    reference = Reference(cfg, strategy, policy)
+    where = "the policy with its adapter disabled" if reference.shares_policy else "a frozen model"
+    strategy.ctx.print0(f"reference: {where} ({', '.join(filter(None, reference_source(cfg)))})")
+    return reference
