@@ -256,6 +256,9 @@ class FSDPStrategy:
     def generating(self) -> Iterator[dict[str, Any]]:
         """`generate` runs on a submodule, which bypasses the root unit's hooks: its parameters (embeddings, norm,
         head) are gathered around it; each layer unit gathers itself per step, so ranks step in sync."""
+        # FSDP decides which unit is the root on the first forward through it; generate's first forward enters at a
+        # layer, so the root is settled first (torch has no public call for it; a dummy forward would do the same).
+        self.model._get_fsdp_state()._lazy_init()
         self.model.unshard()
         try:
             yield {"synced_gpus": True}

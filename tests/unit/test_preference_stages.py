@@ -112,3 +112,33 @@ def test_dpo_with_a_reference_and_kto_under_fsdp(tiny_model, tmp_path, held_out)
     ] + 0.5, kto_records  # fmt: skip
     assert "kl" in last
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), tmp_path / "kto" / "out")
+
+
+def test_ppo_under_fsdp_and_zero3_generates_in_step_and_saves_loadable_weights(tiny_model, tmp_path):
+    """Sharded policies generate with every rank stepping together (synced_gpus; FSDP gathers its root unit around
+    generate), score through an HTTP reward on loopback, and write weights that load in transformers/peft."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tests.reward_server import scoring_server
+
+    def shorter(text: str) -> float:
+        return -len(text.split("Assistant:")[-1].split()) / 4
+
+    with scoring_server(shorter) as (url, received):
+        common = {"stage": "ppo", "dataset": "loom_demo_sft", "reward_model_type": "api", "reward_model": url,
+                  "max_new_tokens": 8, "ppo_epochs": 2, "max_steps": 3, "save_steps": 3, "max_samples": 64,
+                  "cutoff_len": 64, "do_sample": True, "top_k": 0, "top_p": 1.0}  # fmt: skip
+        fsdp = preference_config(tiny_model, **common, fsdp="full_shard auto_wrap")
+        zero3 = preference_config(tiny_model, **common, finetuning_type="full", learning_rate=5e-4,
+                                  deepspeed={"zero_optimization": {"stage": 3}})  # fmt: skip
+        spawn([(fsdp, str(tmp_path / "fsdp" / "saves"), str(tmp_path / "fsdp" / "out"), None),
+               (zero3, str(tmp_path / "zero3" / "saves"), str(tmp_path / "zero3" / "out"), None)])  # fmt: skip
+    assert len(received) == 2 * 2 * 3  # two runs, two ranks, three rollouts each
+    for name in ("fsdp", "zero3"):
+        records = logged(str(tmp_path / name / "out"))
+        assert [r["step"] for r in records] == [1, 2, 3] and all("reward" in r and "kl" in r for r in records)
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), tmp_path / "fsdp" / "out")
+    tuned = AutoModelForCausalLM.from_pretrained(tmp_path / "zero3" / "out").state_dict()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
+    assert all(tuned[k].shape == base[k].shape for k in base) and any(not torch.equal(tuned[k], base[k]) for k in base)
