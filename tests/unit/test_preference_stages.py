@@ -16,7 +16,7 @@ import torch
 import torch.multiprocessing as mp
 
 from tests.conftest import free_port
-from tests.helpers import DEMO_DATA
+from tests.helpers import DEMO_DATA, LLAMAFACTORY_DATA
 from tests.strategy_harness import prepared_rows, worker
 
 TRAIN_PAIRS = 240
@@ -142,3 +142,26 @@ def test_ppo_under_fsdp_and_zero3_generates_in_step_and_saves_loadable_weights(t
     tuned = AutoModelForCausalLM.from_pretrained(tmp_path / "zero3" / "out").state_dict()
     base = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
     assert all(tuned[k].shape == base[k].shape for k in base) and any(not torch.equal(tuned[k], base[k]) for k in base)
+
+
+@pytest.mark.skipif(not LLAMAFACTORY_DATA.is_dir(), reason="LLaMA-Factory's demo data is not in ../shared")
+def test_llamafactory_demo_sets_train_unchanged(tiny_model, tmp_path):
+    """LLaMA-Factory's dpo_en_demo, kto_en_demo and (for ppo prompts) alpaca_en_demo, with its dataset_info.json."""
+    import math
+
+    from tests.reward_server import scoring_server
+
+    common = {"dataset_dir": str(LLAMAFACTORY_DATA), "cutoff_len": 128, "max_samples": 32, "max_steps": 2,
+              "save_steps": 2}  # fmt: skip
+    with scoring_server(lambda text: float(len(text) % 7)) as (url, received):
+        jobs = {
+            "dpo": preference_config(tiny_model, **common, dataset="dpo_en_demo"),
+            "kto": preference_config(tiny_model, **common, stage="kto", dataset="kto_en_demo"),
+            "ppo": preference_config(tiny_model, **common, stage="ppo", dataset="alpaca_en_demo", max_new_tokens=8,
+                                     reward_model_type="api", reward_model=url, ppo_epochs=1),
+        }  # fmt: skip
+        spawn([(raw, str(tmp_path / name / "saves"), str(tmp_path / name / "out"), None) for name, raw in jobs.items()])
+    assert received
+    for name in jobs:
+        records = logged(str(tmp_path / name / "out"))
+        assert [r["step"] for r in records] == [1, 2] and all(math.isfinite(r["loss"]) for r in records), records
