@@ -98,14 +98,17 @@ class LocalRunIO:
         return torch.nn.parallel.DistributedDataParallel(model) if self.ctx.world_size > 1 else model
 
 
-def run_strategy(raw_config: dict[str, Any], storage: str, output_dir: str, rank: int, world: int) -> None:
-    """One rank of a Loom run of `raw_config` (validated like the driver does) over `training_rows()`."""
+def run_strategy(raw_config: dict[str, Any], storage: str, output_dir: str, rank: int, world: int,
+                 rows: list[dict[str, Any]] | None = None) -> None:  # fmt: skip
+    """One rank of a Loom run of `raw_config` (validated like the driver does) over `rows` (default: the stage's
+    rows from its datasets, or `training_rows()` for pt/sft)."""
     from orchestrator.config import validate_config
     from orchestrator.plan import make_plan, with_absolute_paths
     from workers.loop import make_runner
 
     cfg = with_absolute_paths(validate_config(raw_config))
-    rows = training_rows() if cfg.stage in ("pt", "sft") else prepared_rows(cfg)
+    if rows is None:
+        rows = training_rows() if cfg.stage in ("pt", "sft") else prepared_rows(cfg)
     plan = replace(make_plan(cfg, train_rows=len(rows)), output_dir=output_dir, run_dir=storage)
     ctx = DistContext(rank=rank, world_size=world, local_rank=rank, device=torch.device("cpu"))
     make_runner(cfg, plan, ctx, LocalRunIO(ctx, rows, cfg.per_device_train_batch_size, storage)).run()
