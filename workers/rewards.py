@@ -118,10 +118,15 @@ class ApiReward:
         for attempt in range(self.retries + 1):
             try:
                 return torch.tensor(self._post(texts), dtype=torch.float32, device=self.device)
+            except urllib.error.HTTPError as caught:
+                if 400 <= caught.code < 500 and caught.code not in (408, 429):  # a request it refuses: no retry
+                    raise RuntimeError(f"reward API {self.url} refused the request: HTTP {caught.code} "
+                                       f"{caught.reason} (LOOM_REWARD_API_KEY set: {API_KEY_ENV in os.environ})") from caught  # fmt: skip
+                error = caught
             except (urllib.error.URLError, OSError, ValueError, KeyError, TypeError) as caught:
                 error = caught
-                if attempt < self.retries:
-                    time.sleep(0.5 * 2**attempt)
+            if attempt < self.retries:
+                time.sleep(0.5 * 2**attempt)
         raise RuntimeError(f"reward API {self.url} failed after {self.retries + 1} attempts: {error}") from error
 
 

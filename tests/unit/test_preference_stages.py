@@ -165,3 +165,22 @@ def test_llamafactory_demo_sets_train_unchanged(tiny_model, tmp_path):
     for name in jobs:
         records = logged(str(tmp_path / name / "out"))
         assert [r["step"] for r in records] == [1, 2] and all(math.isfinite(r["loss"]) for r in records), records
+
+
+def test_rm_full_under_ddp_and_zero3_saves_a_value_head_that_scores(tiny_model, tmp_path):
+    """Full rm: under DDP the LM head (which scoring never reaches) is frozen, or DDP would wait for its gradients;
+    under ZeRO-3 the value head is partitioned with the model and gathered on save."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    jobs = {"ddp": preference_config(tiny_model, stage="rm", finetuning_type="full", learning_rate=1e-3),
+            "zero3": preference_config(tiny_model, stage="rm", finetuning_type="full", learning_rate=1e-3,
+                                       deepspeed={"zero_optimization": {"stage": 3}})}  # fmt: skip
+    spawn([(raw, str(tmp_path / name / "saves"), str(tmp_path / name / "out"), None) for name, raw in jobs.items()])
+    for name in jobs:
+        records = logged(str(tmp_path / name / "out"))
+        assert records[-1]["accuracy"] > records[0]["accuracy"] and records[-1]["accuracy"] >= 0.9, records
+        head = load_file(str(tmp_path / name / "out" / "value_head.safetensors"))
+        assert head["v_head.summary.weight"].shape == (1, 64) and head["v_head.summary.bias"].shape == (1,)
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / name / "out")  # the body, in plain transformers
+        assert model.config.hidden_size == 64
