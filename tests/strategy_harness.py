@@ -104,7 +104,7 @@ def run_strategy(raw_config: dict[str, Any], storage: str, output_dir: str, rank
     rows from its datasets, or `training_rows()` for pt/sft)."""
     from orchestrator.config import validate_config
     from orchestrator.plan import make_plan, with_absolute_paths
-    from workers.loop import make_runner
+    from workers.runner import make_runner
 
     cfg = with_absolute_paths(validate_config(raw_config))
     if rows is None:

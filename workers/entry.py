@@ -15,7 +15,7 @@ import torch
 from orchestrator.config.schema import LoomConfig
 
 from .context import DistContext
-from .loop import make_runner
+from .runner import make_runner
 
 
 class RayRunIO:

@@ -19,7 +19,6 @@ import numpy as np
 import torch
 
 from orchestrator.plan import RUN_MARKER, RunPlan, accumulation_for
-from orchestrator.stages import STAGES
 
 from .checkpoint import (
     TrainState,
@@ -73,7 +72,7 @@ class Window:
         self.loss_total += result.loss
         self.steps += 1
         self.tokens += result.tokens
-        merge_metrics(self.metrics, {k: (v[0], v[1]) for k, v in result.metrics.items()})
+        merge_metrics(self.metrics, result.metrics)
 
 
 def seed_everything(seed: int) -> None:
@@ -102,15 +101,6 @@ def skip(batches: Iterator[Any], count: int) -> Iterator[Any]:
 
 def due(step: int, every: int | None, total: int) -> bool:
     return bool(every) and (step % every == 0 or step == total)
-
-
-def make_runner(cfg: Any, plan: RunPlan, ctx: DistContext, io: RunIO) -> StageRunner:
-    """The loop that drives the configured stage, as the stage registry names it."""
-    if STAGES[cfg.stage].loop == "rollout":
-        from .rollout import RolloutRunner
-
-        return RolloutRunner(cfg, plan, ctx, io)
-    return StageRunner(cfg, plan, ctx, io)
 
 
 class StageRunner:
@@ -207,7 +197,7 @@ class StageRunner:
             merge_metrics(metrics, output.metrics)
         self.strategy.optimizer_step(self.scaler)
         self.scheduler.step()
-        tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+        tokens = sum(self.stage.tokens(b) for b in batches)
         return StepResult(share, tokens, metrics)
 
     def evaluate(self, split: str = "eval") -> dict[str, float]:

@@ -44,6 +44,16 @@ def load_base_model(cfg: Any, source: str | None = None) -> torch.nn.Module:
     return model
 
 
+def load_frozen_model(cfg: Any, path: str, adapters: str | None) -> torch.nn.Module:
+    """A causal LM from `path` with `adapters` (comma-separated) merged in, in eval mode."""
+    from peft import PeftModel
+
+    model = load_base_model(cfg, path)
+    for adapter in split_csv(adapters):
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    return model
+
+
 def linear_module_names(model: torch.nn.Module) -> list[str]:
     """Short names of the linear layers LoRA can target with `all` (the output head excluded)."""
     head = model.get_output_embeddings()

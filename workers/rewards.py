@@ -23,7 +23,7 @@ import torch
 
 from orchestrator.config.values import split_csv
 
-from .stages.reference import load_frozen_model
+from .model import load_frozen_model
 from .value_head import ValueHeadModel, last_token_index, load_head_weights
 
 REWARD_ADAPTER = "reward"

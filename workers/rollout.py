@@ -41,7 +41,7 @@ class RolloutRunner(StageRunner):
             for window in windows(iter(mini_batches), self.accumulation):
                 result = self.train_step([self.stage.experience_batch([rows[i] for i in batch]) for batch in window])
                 shares.append(result.loss)
-                merge_metrics(sums, {k: (v[0], v[1]) for k, v in result.metrics.items()})
+                merge_metrics(sums, result.metrics)
         merge_metrics(sums, {"rollout_time": (rollout_s, 1.0), "update_time": (time.perf_counter() - started, 1.0)})
         tokens = sum(len(row["prompt"]) + len(row["response"]) for row in rows)
         return StepResult(sum(shares) / max(len(shares), 1), tokens, sums)

@@ -26,8 +26,7 @@ class ReferenceScorer:
         import torch
 
         from orchestrator.config.schema import LoomConfig
-        from workers.model import load_tokenizer_for
-        from workers.stages.reference import load_frozen_model
+        from workers.model import load_frozen_model, load_tokenizer_for
 
         from ..stages import reference_source
 

@@ -91,6 +91,38 @@ def kill_and_time_recovery(kill, proc, log_path, output_dir: str, committed_step
     return seen
 
 
+def kill_a_worker_and_finish(ray_cluster, raw: dict, tmp_path, after_step: int) -> tuple[int, dict, str]:
+    """`loom train` of `raw` (with ray_max_failures), one Ray Train worker process SIGKILLed once a checkpoint is
+    committed and `after_step` is logged; waits for the run to end. Returns the committed step at the kill, the
+    recovery times and the run's log."""
+    config, log = write_yaml(tmp_path / "project", raw), tmp_path / "run.log"
+    run_dir = os.path.join(raw["ray_storage_path"], raw["ray_run_name"])
+    proc = start_slow_run(config, ray_cluster.env(), log, delay_s=1.0)
+    try:
+        wait_past_a_committed_checkpoint(proc, run_dir, raw["output_dir"], after_step, log)
+        committed_at_kill = committed_step(run_dir)
+        workers = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True).stdout.split()
+        assert workers, "no Ray Train worker process found"
+        kill = functools.partial(os.kill, int(workers[-1]), signal.SIGKILL)
+        seen = kill_and_time_recovery(kill, proc, log, raw["output_dir"], committed_at_kill)
+        assert proc.wait(timeout=30) == 0, log.read_text()[-4000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return committed_at_kill, seen, log.read_text()
+
+
+def submit_job(ray_cluster, project, *entrypoint: str) -> str:
+    """`ray job submit` of `entrypoint` with `project` as the working dir; returns its output (asserting success)."""
+    command = [str(VENV_BIN / "ray"), "job", "submit", "--address", ray_cluster.dashboard_url, "--working-dir",
+               str(project), "--entrypoint-num-cpus", "0", "--", *entrypoint]  # fmt: skip
+    env = {k: v for k, v in ray_cluster.env().items() if k != "RAY_ADDRESS"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    return output
+
+
 def test_killed_run_resumes_from_its_checkpoint_and_ends_at_the_configured_step(ray_cluster, train_config, tmp_path):
     """The driver and all it started killed mid-run; the same command resumes. Under FSDP, so the restart also
     reloads an optimizer state sharded over the two workers (one torch.distributed.checkpoint file per rank)."""
@@ -124,12 +156,7 @@ def test_same_yaml_runs_under_ray_job_submit(ray_cluster, train_config, tmp_path
     project = tmp_path / "project"
     write_yaml(project, raw)
     (project / "notes.txt").write_text("the working dir is uploaded to the cluster\n")
-    command = [str(VENV_BIN / "ray"), "job", "submit", "--address", ray_cluster.dashboard_url, "--working-dir",
-               str(project), "--entrypoint-num-cpus", "0", "--", "loom", "train", "cfg.yaml"]  # fmt: skip
-    env = {k: v for k, v in ray_cluster.env().items() if k != "RAY_ADDRESS"}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-4000:]
+    output = submit_job(ray_cluster, project, "loom", "train", "cfg.yaml")
     assert "succeeded" in output and "checkpoint-000004" in output
     assert steps_logged(raw["output_dir"]) == [1, 2, 3, 4]
     assert checkpoints(os.path.join(raw["ray_storage_path"], "job")) == ["checkpoint-000002", "checkpoint-000004"]
@@ -142,22 +169,9 @@ def test_killed_dpo_worker_is_restarted_from_the_latest_checkpoint(ray_cluster, 
     zero2_offload = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
     raw = train_config(max_steps=8, save_steps=2, ray_max_failures=1, ray_run_name="retry", deepspeed=zero2_offload,
                        stage="dpo", dataset="loom_demo_pref", cutoff_len=96)  # fmt: skip
-    config, log = write_yaml(tmp_path / "project", raw), tmp_path / "run.log"
     run_dir = os.path.join(raw["ray_storage_path"], "retry")
-    proc = start_slow_run(config, ray_cluster.env(), log, delay_s=1.0)
-    try:
-        wait_past_a_committed_checkpoint(proc, run_dir, raw["output_dir"], 3, log)
-        committed_at_kill = committed_step(run_dir)
-        workers = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True).stdout.split()
-        assert workers, "no Ray Train worker process found"
-        kill = functools.partial(os.kill, int(workers[-1]), signal.SIGKILL)
-        seen = kill_and_time_recovery(kill, proc, log, raw["output_dir"], committed_at_kill)
-        assert proc.wait(timeout=30) == 0, log.read_text()[-4000:]
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    committed_at_kill, seen, output = kill_a_worker_and_finish(ray_cluster, raw, tmp_path, after_step=3)
     print(f"\nworker killed, committed step {committed_at_kill}; seconds after the kill: {json.dumps(seen)}")
-    output = (tmp_path / "run.log").read_text()
     assert "resumed from step" in output and "strategy deepspeed" in output
     assert steps_logged(raw["output_dir"]) == list(range(1, 9))  # the steps redone after the restart appear once
     with open(os.path.join(raw["output_dir"], "trainer_log.jsonl")) as handle:

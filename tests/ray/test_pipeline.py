@@ -13,7 +13,7 @@ import yaml
 
 from tests.conftest import VENV_BIN
 from tests.helpers import DEMO_DATA
-from tests.ray.test_cli_runs import checkpoints, committed, steps_logged
+from tests.ray.test_cli_runs import checkpoints, committed, steps_logged, submit_job
 
 
 def stage(tiny_model: str, **extra) -> dict:
@@ -53,12 +53,7 @@ def test_pipeline_sft_rm_ppo_resumes_its_interrupted_stage_under_ray_job_submit(
     sft_log = (root / "sft" / "output" / "trainer_log.jsonl").read_text()
     assert max(steps_logged(str(root / "rm" / "output"))) < 8 and not (root / "ppo").exists()
 
-    command = [str(VENV_BIN / "ray"), "job", "submit", "--address", ray_cluster.dashboard_url, "--working-dir",
-               str(project), "--entrypoint-num-cpus", "0", "--", "loom", "pipeline", "pipe.yaml"]  # fmt: skip
-    env = {k: v for k, v in ray_cluster.env().items() if k != "RAY_ADDRESS"}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-4000:]
+    output = submit_job(ray_cluster, project, "loom", "pipeline", "pipe.yaml")
     assert "stage sft     finished earlier, skipped" in output
     assert "resumed from step" in output and "stage rm " in output and "stage ppo " in output
     assert (root / "sft" / "output" / "trainer_log.jsonl").read_text() == sft_log  # the first stage not redone

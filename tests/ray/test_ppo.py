@@ -8,25 +8,14 @@ reward models are trained on their policy's outputs, so its scores mean somethin
 
 from __future__ import annotations
 
-import functools
 import json
 import os
-import signal
-import subprocess
 
 import pytest
 import torch
 
 from tests.helpers import DEMO_DATA
-from tests.ray.test_cli_runs import (
-    checkpoints,
-    committed_step,
-    kill_and_time_recovery,
-    start_slow_run,
-    steps_logged,
-    wait_past_a_committed_checkpoint,
-    write_yaml,
-)
+from tests.ray.test_cli_runs import checkpoints, kill_a_worker_and_finish, steps_logged
 from tests.ray.test_train import logged, run
 from tests.reward_server import scoring_server
 
@@ -147,21 +136,10 @@ def test_ppo_api_reward_under_zero2_resumes_its_kl_coefficient_and_score_statist
     with scoring_server(shorter_answer_score, key="sesame") as (url, received):
         raw = ppo_config(reward_model_type="api", reward_model=url, ppo_score_norm=True, ppo_target=1.0, ray_max_failures=1,
                          ray_run_name="ppo-retry", deepspeed={"zero_optimization": {"stage": 2}})  # fmt: skip
-        config, log = write_yaml(tmp_path / "project", raw), tmp_path / "run.log"
-        run_dir = os.path.join(raw["ray_storage_path"], "ppo-retry")
-        proc = start_slow_run(config, ray_cluster.env(), log, delay_s=1.0)
-        try:
-            wait_past_a_committed_checkpoint(proc, run_dir, raw["output_dir"], 7, log)
-            at_kill = committed_step(run_dir)
-            workers = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True).stdout.split()
-            seen = kill_and_time_recovery(functools.partial(os.kill, int(workers[-1]), signal.SIGKILL), proc, log,
-                                          raw["output_dir"], at_kill)  # fmt: skip
-            assert proc.wait(timeout=30) == 0, log.read_text()[-4000:]
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
+        at_kill, seen, output = kill_a_worker_and_finish(ray_cluster, raw, tmp_path, after_step=7)
+    run_dir = os.path.join(raw["ray_storage_path"], "ppo-retry")
     print(f"\nppo worker killed, committed step {at_kill}; seconds after the kill: {json.dumps(seen)}")
-    assert "resumed from step" in log.read_text() and at_kill == 6
+    assert "resumed from step" in output and at_kill == 6
     assert steps_logged(raw["output_dir"]) == list(range(1, PPO_STEPS + 1))
     records = logged(raw["output_dir"])
     assert_reward_went_up(records)
@@ -172,7 +150,7 @@ def test_ppo_api_reward_under_zero2_resumes_its_kl_coefficient_and_score_statist
     # The coefficient a step uses is the one the previous step left: step 7 (after the restart) starts from the
     # value saved at step 6, and the score statistics hold every score of all 12 steps (16 per step), not 6.
     assert abs(saved[6]["kl_control"]["value"] - 0.2) > 1e-4  # it moved away from its initial 0.2 by step 6
-    assert records[6]["kl_coef"] == pytest.approx(saved[6]["kl_control"]["value"], rel=1e-6)
+    assert records[6]["kl_coef"] == pytest.approx(saved[6]["kl_control"]["value"], abs=1e-6)  # logged to 6 places
     assert saved[6]["score_stats"]["count"] == 6 * 16 and saved[12]["score_stats"]["count"] == 12 * 16
     assert checkpoints(run_dir)[-1] == "checkpoint-000012"
     from peft import PeftModel

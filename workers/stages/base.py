@@ -44,6 +44,9 @@ class Stage(Protocol):
 
     def forward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> StageOutput: ...
 
+    def tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        """Non-pad tokens the micro-batch fed the model (for tokens_seen and tokens per second)."""
+
     def state_dict(self) -> dict[str, Any]:
         """Stage state saved with each checkpoint (e.g. PPO's KL coefficient); {} when there is none."""
 
@@ -62,6 +65,9 @@ class BaseStage:
     def prepare(self, strategy: Any) -> None:
         self.strategy = strategy
 
+    def tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        return int(batch["attention_mask"].sum())
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
@@ -74,7 +80,8 @@ def add_metric(metrics: Metrics, name: str, values: torch.Tensor) -> None:
     metrics[name] = (float(values.detach().float().sum()), float(values.numel()))
 
 
-def merge_metrics(into: dict[str, list[float]], metrics: Metrics) -> None:
+def merge_metrics(into: dict[str, list[float]], metrics: Metrics | dict[str, list[float]]) -> None:
+    """Add (sum, count) pairs into running [sum, count] lists."""
     for name, (total, count) in metrics.items():
         entry = into.setdefault(name, [0.0, 0.0])
         entry[0] += total

@@ -13,22 +13,11 @@ from typing import Any
 
 import torch
 
-from orchestrator.config.values import split_csv
 from orchestrator.stages import reference_source
 
 from ..collate import IGNORE_INDEX, model_inputs
 from ..losses import sequence_logps
-from ..model import load_base_model
-
-
-def load_frozen_model(cfg: Any, path: str, adapters: str | None) -> torch.nn.Module:
-    """A causal LM from `path` with `adapters` (comma-separated) merged in, in eval mode."""
-    from peft import PeftModel
-
-    model = load_base_model(cfg, path)
-    for adapter in split_csv(adapters):
-        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    return model
+from ..model import load_frozen_model
 
 
 class Reference:
