@@ -1,6 +1,7 @@
 """The rollout loop (ppo): each logged step generates and scores a buffer of experience, then takes several
-optimizer steps over it. Setup, cadence, logging, evaluation-free reporting, checkpoints and resume are the batch
-loop's (StageRunner); only what one step is differs."""
+optimizer steps over it. Setup, cadence, logging, checkpoints and resume are the batch loop's (StageRunner); only
+what one step is differs. A rollout stage gives `prompts` (from a micro-batch of rows), `rollout` (experience rows
+and metrics) and `experience_batch` (rows -> tensors) in place of `collate`."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ class RolloutRunner(StageRunner):
         started = time.perf_counter()
         self.model.eval()
         with self._precision():
-            rows, metrics = self.stage.rollout([self.stage.collate(columns) for columns in micro_batches])
+            rows, metrics = self.stage.rollout([self.stage.prompts(columns) for columns in micro_batches])
         self.model.train()
         rollout_s, started = time.perf_counter() - started, time.perf_counter()
         # The shuffle is a function of the seed and the step, so a resumed run replays the same mini-batches.

@@ -43,20 +43,23 @@ def _file_digest(path: str, sample: int = 1 << 16) -> str:
     return digest.hexdigest()
 
 
-def _tokenizer_digest(model: str) -> str:
-    if not os.path.isdir(model):
-        return f"hub:{model}"
-    files = [os.path.join(model, name) for name in TOKENIZER_FILES if os.path.isfile(os.path.join(model, name))]
+def _folder_digest(folder: str, names: Any) -> str:
+    """The named files of a model folder that exist, in that order (a hub id: by its name)."""
+    if not os.path.isdir(folder):
+        return f"hub:{folder}"
+    files = [os.path.join(folder, name) for name in names if os.path.isfile(os.path.join(folder, name))]
     return hashlib.blake2b("".join(_file_digest(f) for f in files).encode(), digest_size=12).hexdigest()
 
 
+def _tokenizer_digest(model: str) -> str:
+    return _folder_digest(model, TOKENIZER_FILES)
+
+
 def _weights_digest(folder: str) -> str:
-    """The weight files of a model or adapter folder (hub ids by name)."""
-    if not os.path.isdir(folder):
-        return f"hub:{folder}"
-    names = sorted(n for n in os.listdir(folder) if n.endswith((".safetensors", ".bin")))
-    return hashlib.blake2b("".join(_file_digest(os.path.join(folder, n)) for n in names).encode(),
-                           digest_size=12).hexdigest()  # fmt: skip
+    names = (
+        sorted(n for n in os.listdir(folder) if n.endswith((".safetensors", ".bin"))) if os.path.isdir(folder) else []
+    )
+    return _folder_digest(folder, names)
 
 
 def _dataset_entry(spec: DatasetSpec) -> dict:

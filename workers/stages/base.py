@@ -37,7 +37,8 @@ class Stage(Protocol):
         """After the strategy set up the policy: frozen models (reference, reward) through the strategy."""
 
     def collate(self, columns: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Model inputs of one micro-batch from the tokenized columns."""
+        """Model inputs of one micro-batch from the tokenized columns (rollout stages build their batches from
+        experience instead: workers/rollout.py)."""
 
     def count(self, batch: dict[str, torch.Tensor]) -> float:
         """Units the micro-batch's loss is averaged over (counted before the forward pass)."""

@@ -33,7 +33,7 @@ from ..model import build_model
 from ..rewards import make_reward
 from ..value_head import ValueHeadModel
 from .base import BaseStage, Metrics, StageOutput, add_metric
-from .reference import Reference
+from .reference import make_reference
 
 GAMMA, LAM = 1.0, 0.95  # GAE
 CLIP_RANGE, VALUE_CLIP_RANGE, VALUE_COEF = 0.2, 0.2, 0.1
@@ -73,7 +73,7 @@ class Stage(BaseStage):
 
     def prepare(self, strategy: Any) -> None:
         super().prepare(strategy)
-        self.reference = Reference(self.cfg, strategy, strategy.module)
+        self.reference = make_reference(self.cfg, strategy, strategy.module)
         self.reward.prepare(strategy)
         self.kl_control = AdaptiveKLController(INIT_KL_COEF, self.cfg.ppo_target, KL_HORIZON)
         self.score_stats = RunningMoments()
@@ -88,8 +88,9 @@ class Stage(BaseStage):
 
     # ---- the update: a micro-batch of experience -> clipped policy and value losses ----
 
-    def collate(self, columns: dict[str, Any]) -> list[list[int]]:
-        return [list(map(int, ids)) for ids in columns["input_ids"]]  # prompts, padded when generating
+    def prompts(self, columns: dict[str, Any]) -> list[list[int]]:
+        """The rollout's prompts from a micro-batch of rows (padded when generating)."""
+        return [list(map(int, ids)) for ids in columns["input_ids"]]
 
     def count(self, batch: dict[str, torch.Tensor]) -> float:
         return float(batch["response_mask"].sum())
