@@ -167,9 +167,7 @@ def _fit_prepared(
 ) -> TrainOutcome:
     train_rows = data.summary["train_examples"]
     if train_rows is not None and train_rows < cfg.ray_num_workers:
-        raise DataError(
-            f"the training set has {train_rows} examples after preprocessing, fewer than {cfg.ray_num_workers} workers"
-        )
+        raise DataError(too_few_examples(data.summary, cfg.ray_num_workers))
     plan = make_plan(cfg, base_dir, train_rows=train_rows, streaming=cfg.streaming)
     result = fit(cfg, plan, data, callbacks)
     clock.lap("fit")
@@ -182,6 +180,21 @@ def _fit_prepared(
         start=start,
         timings=clock.laps,
     )
+
+
+def too_few_examples(summary: dict[str, Any], workers: int) -> str:
+    """Why training cannot start on what preprocessing kept: per dataset, the rows read and why rows were dropped."""
+    lines = [f"the training set has {summary['train_examples']} examples after preprocessing, fewer than {workers} "
+             "workers (each needs at least one):"]  # fmt: skip
+    for name, stats in summary.get("datasets", {}).items():
+        dropped = sum(stats["dropped"].values())
+        reasons = "; ".join(
+            f"{count} {reason}" for reason, count in sorted(stats["dropped"].items(), key=lambda kv: -kv[1])
+        )
+        lines.append(
+            f"  - dataset {name!r}: {stats['rows']} rows read, {dropped} dropped" + (f" ({reasons})" if reasons else "")
+        )
+    return "\n".join(lines)
 
 
 @dataclass

@@ -13,7 +13,6 @@ Reading and validating a pipeline is pure (no Ray); `run_pipeline` hands each st
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -24,14 +23,13 @@ from .config.checks import promised_outputs
 from .config.loader import dedupe, read_config_file, validate_config
 from .config.schema import LoomConfig
 from .errors import ConfigError, Problem
-from .plan import resolve_path
+from .plan import is_safe_name, resolve_path
 
 # Keys whose value may be `{from: <earlier stage>}`: that stage's output folder (its model or adapter).
 REFERENCE_KEYS = ("model_name_or_path", "adapter_name_or_path", "ref_model", "ref_model_adapters", "reward_model",
                   "reward_model_adapters")  # fmt: skip
 # Set by the pipeline for every stage: its layout under <storage_path>/<name>/, and never overwriting (reruns resume).
 PIPELINE_KEYS = ("ray_storage_path", "ray_run_name", "run_name", "output_dir", "overwrite_output_dir")
-SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 class StageEntry(BaseModel):
@@ -149,7 +147,7 @@ def load_pipeline(path: str, base_dir: str | None = None) -> Pipeline:
         raise ConfigError(problems, source=path) from None
     problems: list[Problem] = []
     name = args.name or os.path.splitext(os.path.basename(path))[0]
-    if not SAFE_NAME.match(name):
+    if not is_safe_name(name):
         problems.append(Problem("name", f"given {name!r}; a pipeline name is one folder name (letters, digits, -_.)"))
     raws = [_stage_raw(entry, f"stages[{i}]", folder, problems) for i, entry in enumerate(args.stages)]
     storage = args.storage_path or next((r.get("ray_storage_path") for r in raws if r), None) or "saves"
@@ -160,7 +158,7 @@ def load_pipeline(path: str, base_dir: str | None = None) -> Pipeline:
         where = f"stages[{index}] ({entry.name})"
         duplicate = entry.name in seen
         seen.add(entry.name)
-        if not SAFE_NAME.match(entry.name) or duplicate:
+        if not is_safe_name(entry.name) or duplicate:
             problems.append(Problem(f"stages[{index}].name", f"given {entry.name!r}; stage names are unique folder "
                                                              "names (letters, digits, -_.)"))  # fmt: skip
             continue

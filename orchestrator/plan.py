@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -121,6 +122,14 @@ class RunPlan:
 def accumulation_for(global_batch: int, per_device: int, world_size: int) -> int:
     """The accumulation steps closest to `global_batch` examples per step (exact when it divides)."""
     return max(1, round(global_batch / (per_device * world_size)))
+
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def is_safe_name(name: str) -> bool:
+    """One path component that cannot climb out of its parent: letters, digits and -_. (not starting with a dot)."""
+    return bool(_SAFE_NAME.match(name))
 
 
 def is_uri(path: str) -> bool:

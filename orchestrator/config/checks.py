@@ -11,7 +11,7 @@ from contextvars import ContextVar
 from typing import Any
 
 from ..errors import Problem
-from ..plan import is_uri
+from ..plan import is_safe_name, is_uri
 from ..stages import BUILT, REFERENCE_FREE_LOSSES, STAGES, stages_reading
 from .fields import Support
 from .schema import LoomConfig
@@ -306,7 +306,9 @@ def _template(cfg: LoomConfig) -> list[Problem]:
 
 
 def _storage(cfg: LoomConfig) -> list[Problem]:
-    p = []
+    p = [Problem(key, f"given {getattr(cfg, key)!r}; a run name is one folder name under ray_storage_path "
+                      "(letters, digits and -_., not starting with a dot)")
+         for key in ("ray_run_name", "run_name") if getattr(cfg, key) and not is_safe_name(getattr(cfg, key))]  # fmt: skip
     if cfg.ray_storage_endpoint and not cfg.ray_storage_path.startswith("s3://"):
         p.append(Problem("ray_storage_endpoint", f"needs an s3:// ray_storage_path, not {cfg.ray_storage_path!r}"))
     if cfg.ray_storage_endpoint and cfg.ray_storage_filesystem:

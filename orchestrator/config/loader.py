@@ -26,7 +26,8 @@ def read_config_file(path: str) -> dict[str, Any]:
     except (yaml.YAMLError, json.JSONDecodeError) as error:
         raise ConfigError([Problem("config", f"cannot parse {path}: {error}")], source=path) from None
     if data is None:
-        data = {}
+        raise ConfigError([Problem("config", f"{path} is empty: a config is a mapping of LLaMA-Factory keys "
+                                             "(at least model_name_or_path and dataset)")], source=path)  # fmt: skip
     if not isinstance(data, dict):
         raise ConfigError(
             [Problem("config", f"{path} must hold a mapping of keys, got {type(data).__name__}")], source=path

@@ -183,3 +183,37 @@ def test_every_registered_stage_trains_and_data_preparation_needs_no_reward(mode
     with pytest.raises(ConfigError, match="ppo needs a reward model"):
         validate_config(raw)
     assert validate_config(raw, training=False).stage == "ppo"  # `loom data` prepares the prompts without one
+
+
+def test_an_empty_config_file_is_named_as_empty(tmp_path):
+    path = tmp_path / "empty.yaml"
+    path.write_text("# nothing here yet\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(path))
+    assert [p.key for p in caught.value.problems] == ["config"]
+    assert "is empty" in caught.value.problems[0].message
+
+
+@pytest.mark.parametrize("name", ["../../somewhere", "a/b", ".hidden", "..", "run name"])
+def test_a_run_name_is_one_safe_folder_name(model_dir, name):
+    """A run name that climbs out of ray_storage_path (seen: <storage>/../../evil/checkpoint-000002) is refused."""
+    found = problems(base(model_dir, ray_run_name=name, run_name=name))
+    assert "one folder name under ray_storage_path" in found["ray_run_name"]
+    assert "one folder name" in found["run_name"]
+    assert validate_config(base(model_dir, ray_run_name="dpo-v2.1_run")).ray_run_name == "dpo-v2.1_run"
+
+
+def test_a_training_set_emptied_by_preprocessing_names_its_datasets_and_reasons():
+    from orchestrator.launch import too_few_examples
+
+    summary = {"train_examples": 0, "datasets": {
+        "chats": {"rows": 30, "dropped": {"prompt turns must be odd (user, assistant, ..., user)": 28,
+                                          "needs exactly one response": 2}, "truncated": 0},
+        "extra": {"rows": 4, "dropped": {}, "truncated": 0}}}  # fmt: skip
+    message = too_few_examples(summary, 2)
+    assert message.splitlines() == [
+        "the training set has 0 examples after preprocessing, fewer than 2 workers (each needs at least one):",
+        "  - dataset 'chats': 30 rows read, 30 dropped (28 prompt turns must be odd (user, assistant, ..., user); "
+        "2 needs exactly one response)",
+        "  - dataset 'extra': 4 rows read, 0 dropped",
+    ]
