@@ -13,7 +13,7 @@ import json
 from typing import Any
 
 from ..stages import STAGES
-from .registry import ROW_COLUMN, DatasetSpec
+from .registry import READ_ERROR, ROW_COLUMN, DatasetSpec
 
 Message = dict[str, str]
 Example = dict[str, Any]
@@ -254,6 +254,8 @@ CONVERTERS = {"alpaca": convert_alpaca, "sharegpt": convert_sharegpt, "openai": 
 
 def parse_row(text: str) -> dict[str, Any]:
     """A row read as JSON text (see readers.py) -> its dict; a clear error for text that is not a JSON object."""
+    if text.startswith(READ_ERROR):
+        raise ValueError(text.removeprefix(READ_ERROR))
     try:
         row = json.loads(text)
     except json.JSONDecodeError as error:

@@ -26,7 +26,7 @@ import pyarrow as pa
 import ray
 
 from .formats import parse_row
-from .registry import ROW_COLUMN, DatasetSpec, HubSource
+from .registry import READ_ERROR, ROW_COLUMN, DatasetSpec, HubSource
 
 CHUNK_ROWS = 4096
 BYTES_PER_PART = 16 * 2**20  # reading and tokenizing work per Ray task, at most
@@ -62,15 +62,25 @@ def column_names(spec: DatasetSpec) -> list[str]:
             schema = ds.schema()
             return list(schema.names) if schema is not None else []
         keys = ds.map_batches(_row_keys, batch_format="pyarrow").iter_batches(batch_format="pyarrow")
-        return sorted(set().union(*(batch.column("key").to_pylist() for batch in keys)))
+        found = set().union(*(batch.column("key").to_pylist() for batch in keys))
     except Exception as error:  # Ray wraps the task's error in its own; keep the reason, in one line
         raise DatasetReadError(_reason(error)) from None
+    errors = sorted(key.removeprefix(READ_ERROR) for key in found if key.startswith(READ_ERROR))
+    if errors:
+        raise DatasetReadError(errors[0])
+    return sorted(found)
 
 
 def _row_keys(batch: pa.Table) -> pa.Table:
+    """The keys of the rows; a row that is not a JSON object becomes a READ_ERROR key (the task does not fail, so
+    no worker traceback reaches the user's console)."""
     keys: set[str] = set()
     for text in batch.column(ROW_COLUMN).to_pylist():
-        keys.update(parse_row(text))
+        try:
+            keys.update(parse_row(text))
+        except ValueError as error:
+            keys.add(READ_ERROR + str(error))
+            break
     return pa.table({"key": pa.array(sorted(keys), pa.string())})
 
 
@@ -162,7 +172,11 @@ def json_tables(path: str, start: int = 0, end: int = -1) -> Iterator[pa.Table]:
     line as it is)."""
     if _is_json_array(path):
         if start == 0:
-            rows = _json_array(read_part(path).decode("utf-8-sig"), path)
+            try:
+                rows = _json_array(read_part(path).decode("utf-8-sig"), path)
+            except (DatasetReadError, UnicodeDecodeError) as error:
+                yield from _strings(ROW_COLUMN, [READ_ERROR + str(error)])
+                return
             yield from _strings(ROW_COLUMN, [json.dumps(row, ensure_ascii=False) for row in rows])
         return
     text = read_part(path, start, end).decode("utf-8-sig" if start == 0 else "utf-8")

@@ -30,6 +30,9 @@ DEFAULT_TAGS = {"alpaca": SHAREGPT_TAGS, "sharegpt": SHAREGPT_TAGS, "openai": OP
 FILE_TYPES = {".json": "json", ".jsonl": "json", ".txt": "text", ".csv": "csv", ".parquet": "parquet",
               ".arrow": "arrow"}  # fmt: skip
 ROW_COLUMN = "_loom_row"  # JSON datasets are read as one column of JSON text per row (see readers.py)
+# A JSON row that stands for a file that could not be read: the reading task reports it as data instead of failing,
+# so the driver states the reason once, without a worker's traceback (see readers.column_names).
+READ_ERROR = "\x00loom-read-error: "
 
 
 @dataclass(frozen=True)

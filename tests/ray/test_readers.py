@@ -74,11 +74,14 @@ def test_rows_of_differing_structure_read_as_one_dataset(ray_cluster, tmp_path):
     assert column_names(spec) == ["messages", "only_here", "tools"]
 
 
-def test_a_row_that_is_not_json_is_reported(ray_cluster, tmp_path):
+def test_a_row_or_file_that_is_not_json_is_reported(ray_cluster, tmp_path):
+    """One line naming the file or row (tests/unit/test_formats_registry.py: without a failed task's traceback)."""
     (tmp_path / "bad.jsonl").write_text('{"instruction": "q"}\n{"instruction": \n')
-    spec = DatasetSpec("bad", (str(tmp_path / "bad.jsonl"),), "json")
+    (tmp_path / "bad.json").write_text('[{"instruction": "q"},\n{"instruction": }]\n')
     with pytest.raises(DatasetReadError, match="a row is not valid JSON"):
-        column_names(spec)
+        column_names(DatasetSpec("bad", (str(tmp_path / "bad.jsonl"),), "json"))
+    with pytest.raises(DatasetReadError, match=r"bad.json is not valid JSON: Expecting value: line 2"):
+        column_names(DatasetSpec("bad", (str(tmp_path / "bad.json"),), "json"))
 
 
 def test_num_samples_picks_rows_as_llamafactory(ray_cluster, data_dir):

@@ -342,3 +342,18 @@ def test_num_samples_follows_llamafactory():
     over = sample_indexes(3, 8, seed=1)
     assert sorted(over[:3].tolist()) == [0, 1, 2] and len(over) == 8 and set(over.tolist()) <= {0, 1, 2}
     assert sample_indexes(10, 4, seed=42).tolist() == picks.tolist()
+
+
+def test_a_file_or_row_that_is_not_json_is_reported_as_data_not_raised(tmp_path):
+    """In the reading task a bad file or row becomes a READ_ERROR row or key instead of an exception, so no Ray task
+    fails and no worker traceback is printed before the driver's one-line message (readers.column_names)."""
+    from orchestrator.data.readers import _row_keys, json_tables
+    from orchestrator.data.registry import READ_ERROR, ROW_COLUMN
+
+    (tmp_path / "bad.json").write_text('[{"instruction": "q"},\n{"instruction": }]\n')
+    rows = [row for table in json_tables(str(tmp_path / "bad.json")) for row in table.column(ROW_COLUMN).to_pylist()]
+    assert len(rows) == 1 and rows[0].startswith(READ_ERROR) and "bad.json is not valid JSON" in rows[0]
+    keys = _row_keys(pa.table({ROW_COLUMN: ['{"a": 1}', '{"b": ']})).column("key").to_pylist()
+    assert "a" in keys and any(k.startswith(READ_ERROR + "a row is not valid JSON") for k in keys)
+    with pytest.raises(ValueError, match="bad.json is not valid JSON"):
+        convert({ROW_COLUMN: rows[0]}, spec(), "sft")  # never trained on silently
