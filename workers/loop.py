@@ -18,6 +18,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from orchestrator.data.templates import get_template, missing_stop_words
+from orchestrator.data.tokenizer import template_name
 from orchestrator.plan import RUN_MARKER, RunPlan, accumulation_for
 
 from .checkpoint import (
@@ -111,6 +113,10 @@ class StageRunner:
         self.cfg, self.plan, self.ctx, self.io = cfg, plan, ctx, io
         self.schedule = plan.schedule
         self.tokenizer = load_tokenizer_for(cfg)
+        left_out = missing_stop_words(self.tokenizer, get_template(template_name(cfg)))
+        if left_out:
+            ctx.print0(f"template {template_name(cfg)}: stop words {left_out} are not in the tokenizer and no example "
+                       "contains them; generation stops without them (LLaMA-Factory adds them as unused tokens)")  # fmt: skip
         self.stage = make_stage(cfg, ctx, self.tokenizer)
         seed_everything(cfg.seed)
         with io.latest_checkpoint() as resume_dir:

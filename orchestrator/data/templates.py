@@ -444,11 +444,27 @@ def resolve_template(
     return replace(template, **changes) if changes else template
 
 
+def missing_stop_words(tokenizer: Any, template: Template) -> list[str]:
+    """The template's stop words that the tokenizer's vocabulary lacks."""
+    return [w for w in template.stop_words if tokenizer.convert_tokens_to_ids(w) in (None, tokenizer.unk_token_id)]
+
+
+def in_inputs(template: Template, word: str) -> bool:
+    """Whether the template writes `word` into the formatted examples (a slot spells it, or it becomes the eos)."""
+    slots = (*template.user, *template.assistant_slots, *template.system, *template.prefix, *template.observation_slots,
+             *template.function_slots)  # fmt: skip
+    spelled = any(slot.name == word if isinstance(slot, Token) else word in str(slot) for slot in slots)
+    return spelled or (template.replace_eos and template.stop_words[:1] == (word,))
+
+
 def prepare_tokenizer(tokenizer: Any, template: Template) -> list[str]:
-    """Make eos/pad match the template (as LLaMA-Factory does). Returns tokens the vocabulary lacks."""
-    missing = [w for w in template.stop_words if tokenizer.convert_tokens_to_ids(w) in (None, tokenizer.unk_token_id)]
-    if missing:
-        return missing
+    """Make eos/pad match the template (as LLaMA-Factory does). Returns the stop words the vocabulary lacks that the
+    formatted examples contain: those stop the run. A missing stop word the examples never contain (llama3's
+    <|eom_id|> on a tokenizer with <|eot_id|> only) is left out of the stop tokens: no example needs its embedding
+    and the model cannot emit a token its tokenizer lacks, so training is what LLaMA-Factory's (which adds it) is."""
+    needed = [w for w in missing_stop_words(tokenizer, template) if in_inputs(template, w)]
+    if needed:
+        return needed
     if template.replace_eos and template.stop_words:
         tokenizer.eos_token = template.stop_words[0]
     if tokenizer.pad_token_id is None:
@@ -457,6 +473,8 @@ def prepare_tokenizer(tokenizer: Any, template: Template) -> list[str]:
 
 
 def stop_token_ids(tokenizer: Any, template: Template) -> list[int]:
+    """eos and the template's stop words the vocabulary has (an unknown word must not stop on the unk id)."""
+    missing = set(missing_stop_words(tokenizer, template))
     ids = {tokenizer.eos_token_id}
-    ids.update(tokenizer.convert_tokens_to_ids(word) for word in template.stop_words)
+    ids.update(tokenizer.convert_tokens_to_ids(word) for word in template.stop_words if word not in missing)
     return sorted(i for i in ids if i is not None)

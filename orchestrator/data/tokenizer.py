@@ -63,7 +63,9 @@ def load_tokenizer(spec: TokenizerSpec) -> Any:
         tokenizer.add_tokens(list(spec.new_special_tokens), special_tokens=True)
     missing = prepare_tokenizer(tokenizer, get_template(spec.template))
     if missing:
-        raise ValueError(f"template {spec.template!r} needs tokens the tokenizer lacks: {missing}")
+        raise ValueError(f"template {spec.template!r} needs tokens the tokenizer lacks: {missing} (every formatted "
+                         "example contains them; add them with new_special_tokens, which also grows the "
+                         "embeddings, or use the model's own template)")  # fmt: skip
     return tokenizer
 
 

@@ -15,6 +15,7 @@ from orchestrator.data.templates import (
     Token,
     get_template,
     known_templates,
+    missing_stop_words,
     prepare_tokenizer,
     resolve_template,
     stop_token_ids,
@@ -227,6 +228,21 @@ def test_stop_words_without_replace_eos_keep_the_eos():
 def test_missing_stop_words_are_reported():
     assert prepare_tokenizer(Tok(), get_template("phi")) == ["<|end|>"]
     assert prepare_tokenizer(Tok(), get_template("glm4")) == ["<|user|>", "<|observation|>"]
+
+
+class NoEomTok(Tok):
+    SPECIAL = {k: v for k, v in Tok.SPECIAL.items() if k != "<|eom_id|>"}
+
+
+def test_a_missing_stop_word_no_example_contains_is_left_out_not_refused():
+    """llama3 on a tokenizer with <|eot_id|> but no <|eom_id|>: the examples never contain <|eom_id|>, so training
+    needs no embedding for it and the model cannot emit it; it is left out of the stop tokens instead of refused."""
+    tokenizer, template = NoEomTok(), get_template("llama3")
+    assert missing_stop_words(tokenizer, template) == ["<|eom_id|>"]
+    assert prepare_tokenizer(tokenizer, template) == []
+    assert tokenizer.eos_token == "<|eot_id|>" and stop_token_ids(tokenizer, template) == [10]
+    ids = [i for source, target in template.encode_turns(tokenizer, CONVERSATION) for i in source + target]
+    assert 10 in ids and None not in ids  # <|eot_id|> closes each turn; nothing unknown is encoded
 
 
 def test_stop_words_and_eos_flags_per_family():
