@@ -68,6 +68,7 @@ class RunPlan:
     min_workers: int = 0  # elastic: the fewest workers the run continues with (0: fixed at num_workers)
     resize_interval_s: float = 60.0
     stage: str = "sft"
+    models: tuple[str, ...] = ()  # what each worker holds (the registry's say): policy, reference, reward
     eval_splits: tuple[str, ...] = ()  # the evaluation sets' names ("eval", or "eval_<dataset>"), set at launch
 
     @property
@@ -96,6 +97,7 @@ class RunPlan:
             f"  ({'GPU' if self.use_gpu else 'CPU'} training)",
             f"batch         {self.per_device_batch_size} per worker x {self.gradient_accumulation_steps} accumulation"
             f" x {self.num_workers} workers = {self.global_batch_size} examples per step",
+            f"stage         {self.stage}: loss averaged over {STAGES[self.stage].unit}; models: {', '.join(self.models)}",
             f"sharding      {self.sharding}",
             f"retries       {self.max_failures}   checkpoints kept: {self.checkpoints_to_keep or 'all'}",
         ]
@@ -222,6 +224,7 @@ def make_plan(cfg: Any, base_dir: str | None = None, train_rows: int | None = No
         min_workers=cfg.min_workers() if cfg.is_elastic() else 0,
         resize_interval_s=cfg.ray_resize_interval_s,
         stage=cfg.stage,
+        models=STAGES[cfg.stage].models(cfg),
     )
 
 

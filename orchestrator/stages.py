@@ -41,10 +41,12 @@ class StageSpec:
             return cfg.pref_loss not in REFERENCE_FREE_LOSSES
         return self.name in ("kto", "ppo")
 
-    def extra_models(self, cfg: Any) -> tuple[str, ...]:
-        """The models besides the trained policy: reference, reward (ppo)."""
-        models = ("reference",) if self.uses_reference(cfg) else ()
-        return models + (("reward",) if self.name == "ppo" else ())
+    def models(self, cfg: Any) -> tuple[str, ...]:
+        """The models a run of this stage holds: the trained policy (with its value head) and any frozen ones."""
+        models = ("policy + value head" if self.value_head else "policy",)
+        if self.uses_reference(cfg):
+            models += ("reference (precomputed)" if cfg.precompute_ref_logps else "reference",)
+        return models + ((f"reward ({cfg.reward_model_type})",) if self.name == "ppo" else ())
 
 
 PREFERENCE_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -78,10 +80,6 @@ STAGES: dict[str, StageSpec] = {
 }  # fmt: skip
 
 BUILT = tuple(name for name, spec in STAGES.items() if spec.module)
-
-
-def stage_spec(name: str) -> StageSpec:
-    return STAGES[name]
 
 
 def stages_reading(key: str) -> tuple[str, ...]:

@@ -9,7 +9,7 @@ from .fields import not_yet, param
 
 class FinetuningArgs(BaseModel):
     stage: Literal["pt", "sft", "rm", "ppo", "dpo", "kto"] = param(
-        "sft", "Training stage (orchestrator/stages.py): pt, sft, rm, dpo and kto train; ppo is refused until it lands."
+        "sft", "Training stage (orchestrator/stages.py, docs/STAGES.md): pt, sft, rm, dpo, kto or ppo."
     )
     finetuning_type: Literal["lora", "freeze", "full"] = param(
         "lora", "Which parameters train: LoRA adapters, some layers, or all."

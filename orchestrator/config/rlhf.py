@@ -11,7 +11,9 @@ QUANTIZED = "quantized loading lands with the quantization work (quantization_bi
 
 class RlhfArgs(BaseModel):
     pref_beta: float = param(0.1, "Beta of the preference loss.", gt=0)
-    pref_ftx: float = param(0.0, "Weight of the supervised (SFT) loss added to the DPO loss.", ge=0)
+    pref_ftx: float = param(
+        0.0, "Weight of the supervised (SFT) loss on the chosen response added to the DPO or KTO loss.", ge=0
+    )
     pref_loss: Literal["sigmoid", "hinge", "ipo", "kto_pair", "orpo", "simpo"] = param(
         "sigmoid", "Preference loss used by DPO training."
     )
@@ -24,7 +26,10 @@ class RlhfArgs(BaseModel):
     ppo_score_norm: bool = param(False, "Normalise reward scores in PPO.")
     ppo_target: float = param(6.0, "Target KL of PPO's adaptive KL controller.", gt=0)
     ppo_whiten_rewards: bool = param(False, "Whiten rewards before computing PPO advantages.")
-    ref_model: str | None = param(None, "Reference model for PPO or DPO; defaults to the policy's base.")
+    ref_model: str | None = param(
+        None,
+        "Reference model for DPO, KTO or PPO; default: the LoRA policy with its adapter disabled, else the initial model.",
+    )
     ref_model_adapters: str | None = param(None, "Adapter(s) to load on the reference model.")
     ref_model_quantization_bit: Literal[4, 8] | None = not_yet(
         None, "Load the reference model quantized to 4 or 8 bits.", QUANTIZED

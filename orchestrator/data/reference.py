@@ -15,9 +15,6 @@ from typing import Any
 import numpy as np
 import ray
 
-# processor -> the columns it adds
-REFERENCE_COLUMNS = {"pairwise": ("ref_chosen_logps", "ref_rejected_logps"), "feedback": ("ref_logps", "ref_kl_logps")}
-
 
 class ReferenceScorer:
     """A Ray Data actor: loads the reference once, then scores batches of tokenized rows."""

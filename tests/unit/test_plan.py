@@ -216,3 +216,17 @@ def test_plan_names_the_sharding_strategy(cfg_of):
     assert make_plan(cfg_of(deepspeed=zero3, **cpu)).sharding == "DeepSpeed ZeRO-3, offload optimizer to cpu"
     fsdp = make_plan(cfg_of(fsdp="shard_grad_op auto_wrap", **cpu))
     assert "sharding      FSDP2 shard_grad_op, per layer" in fsdp.describe()
+
+
+def test_the_plan_names_each_stage_s_models_and_its_loss_unit(cfg_of):
+    """From the stage registry: what each worker holds and what the loss is averaged over."""
+    sft = make_plan(cfg_of(), base_dir="/b").describe()
+    assert "stage         sft: loss averaged over tokens; models: policy\n" in sft
+    dpo = make_plan(cfg_of(stage="dpo", dataset="loom_demo_pref", precompute_ref_logps=True), base_dir="/b")
+    assert dpo.models == ("policy", "reference (precomputed)") and "loss averaged over pairs" in dpo.describe()
+    orpo = make_plan(cfg_of(stage="dpo", dataset="loom_demo_pref", pref_loss="orpo"), base_dir="/b")
+    assert orpo.models == ("policy",)  # reference-free
+    ppo = make_plan(
+        cfg_of(stage="ppo", reward_model="http://127.0.0.1:1/score", reward_model_type="api"), base_dir="/b"
+    )
+    assert ppo.models == ("policy + value head", "reference", "reward (api)")

@@ -11,8 +11,6 @@ from typing import Any
 
 import torch
 
-from orchestrator.stages import REFERENCE_FREE_LOSSES
-
 from ..collate import model_inputs, pad_pairs
 from ..losses import dpo_loss, orpo_loss, sequence_logps, simpo_loss
 from .base import BaseStage, StageOutput, add_metric
@@ -38,9 +36,8 @@ def preference_loss(cfg: Any, policy: tuple[torch.Tensor, torch.Tensor], referen
 class Stage(BaseStage):
     def prepare(self, strategy: Any) -> None:
         super().prepare(strategy)
-        self.reference = None if self.cfg.pref_loss in REFERENCE_FREE_LOSSES else make_reference(
-            self.cfg, strategy, strategy.module
-        )  # fmt: skip
+        uses = self.spec.uses_reference(self.cfg)
+        self.reference = make_reference(self.cfg, strategy, strategy.module) if uses else None
 
     def collate(self, columns: dict[str, Any]) -> dict[str, torch.Tensor]:
         return pad_pairs(columns, self.tokenizer.pad_token_id, self.cfg.ignore_pad_token_for_loss)
