@@ -233,12 +233,20 @@ def fit(cfg: Any, plan: RunPlan, data: Any, callbacks: list | None = None) -> An
 
     from workers.entry import train_loop_per_worker
 
-    datasets = {"train": data.train, **data.evals}
+    # A materialized training set goes to every worker whole (its block references), so that each rank's rows are
+    # a pure function of the seed, epoch, rank and position (workers/order.py); a streamed one is split by Ray Data.
+    streamed = cfg.streaming
+    datasets = {**({"train": data.train} if streamed else {}), **data.evals}
+    train_blocks = None if streamed else data.train.to_arrow_refs()
     resources = dict(plan.resources_per_worker)
     filesystem = storage_filesystem(cfg)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.model_dump(), "plan": replace(plan, eval_splits=tuple(data.evals))},
+        train_loop_config={
+            "config": cfg.model_dump(),
+            "plan": replace(plan, eval_splits=tuple(data.evals)),
+            "train_blocks": train_blocks,
+        },  # fmt: skip
         torch_config=TorchConfig(timeout_s=cfg.ddp_timeout),
         scaling_config=ScalingConfig(
             num_workers=(plan.min_workers, plan.num_workers) if plan.elastic else plan.num_workers,

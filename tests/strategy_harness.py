@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from workers.context import DistContext
+from workers.order import ArrowRows
 
 
 def training_rows(count: int = 64, seed: int = 0) -> list[dict[str, list[int]]]:
@@ -72,6 +73,9 @@ class LocalRunIO:
 
     def __init__(self, ctx: DistContext, rows: list[dict[str, Any]], batch_size: int, storage: str):
         self.ctx, self.rows, self.batch_size, self.storage = ctx, rows, batch_size, storage
+
+    def train_rows(self) -> ArrowRows:
+        return ArrowRows.from_rows(self.rows)  # the same row choice as on Ray (workers/order.py)
 
     def batches(self, split: str, epoch: int) -> Iterator[dict[str, Any]]:
         shard = self.rows[self.ctx.rank :: self.ctx.world_size]

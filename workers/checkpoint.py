@@ -24,14 +24,16 @@ STATE = "trainer_state.json"
 class TrainState:
     global_step: int = 0
     epoch: int = 0
-    batches_in_epoch: int = 0  # micro-batches of `epoch` already consumed: the data position
+    batches_in_epoch: int = 0  # micro-batches of `epoch` each rank consumed: the position in a streamed epoch
+    rows_in_epoch: int = 0  # rows of the epoch's global order consumed: the position in a materialized epoch
     tokens_seen: int = 0
     total_steps: int = 0
     finished: bool = False
     world_size: int = 0  # ranks that consumed `batches_in_epoch` each (elastic runs may resume with another count)
 
     def rescaled_to(self, world_size: int) -> TrainState:
-        """The same data position for another number of ranks: the examples consumed stay the same."""
+        """The same data position for another number of ranks: the examples consumed stay the same (exactly the same
+        rows for a materialized epoch, whose position is counted in rows)."""
         if not self.world_size or self.world_size == world_size:
             return self
         position = self.batches_in_epoch * self.world_size // world_size

@@ -15,14 +15,20 @@ import torch
 from orchestrator.config.schema import LoomConfig
 
 from .context import DistContext
+from .order import ArrowRows
 from .runner import make_runner
 
 
 class RayRunIO:
-    """RunIO over Ray Train: dataset shards, report (a barrier), checkpoints in the run's storage path."""
+    """RunIO over Ray Train: the training table's blocks (or a streamed shard), evaluation shards, report (a
+    barrier), checkpoints in the run's storage path."""
 
-    def __init__(self, cfg: LoomConfig, ctx: DistContext):
-        self.cfg, self.ctx = cfg, ctx
+    def __init__(self, cfg: LoomConfig, ctx: DistContext, train_blocks: list[ray.ObjectRef] | None):
+        self.cfg, self.ctx, self.train_blocks = cfg, ctx, train_blocks
+
+    def train_rows(self) -> ArrowRows | None:
+        """The materialized training set, every block of it: each rank picks its own rows (workers/order.py)."""
+        return ArrowRows(ray.get(self.train_blocks)) if self.train_blocks is not None else None
 
     def batches(self, split: str, epoch: int) -> Iterator[dict[str, Any]]:
         shard = ray.train.get_dataset_shard(split)
@@ -94,4 +100,5 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     cfg = LoomConfig.model_validate(loop_config["config"])
     ctx = build_context()
-    make_runner(cfg, loop_config["plan"], ctx, RayRunIO(cfg, ctx)).run()
+    io = RayRunIO(cfg, ctx, loop_config["train_blocks"])
+    make_runner(cfg, loop_config["plan"], ctx, io).run()

@@ -34,6 +34,7 @@ from .checkpoint import (
 from .context import DistContext
 from .model import load_tokenizer_for, parameter_report, parameter_status
 from .optim import build_optimizer, build_scheduler
+from .order import ArrowRows, StepLayout, epoch_order, step_indices
 from .stages import make_stage
 from .stages.base import merge_metrics, reduce_metrics
 from .strategy import make_strategy
@@ -45,6 +46,8 @@ STEP_DELAY_S = float(os.environ.get("LOOM_STEP_DELAY_S", "0"))
 
 class RunIO(Protocol):
     def batches(self, split: str, epoch: int) -> Iterator[dict[str, Any]]: ...
+
+    def train_rows(self) -> ArrowRows | None: ...  # the whole training table, or None when it is streamed
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None: ...
 
@@ -161,8 +164,8 @@ class StageRunner:
             self.ctx.print0(f"elastic: the checkpoint was written by {state.world_size} workers, "
                             f"this attempt has {self.ctx.world_size}")  # fmt: skip
             state = state.rescaled_to(self.ctx.world_size)
-        self.ctx.print0(f"resumed from step {state.global_step} (epoch {state.epoch}, "
-                        f"{state.batches_in_epoch} micro-batches into it)")  # fmt: skip
+        position = f"{state.rows_in_epoch} rows" if state.rows_in_epoch else f"{state.batches_in_epoch} micro-batches"
+        self.ctx.print0(f"resumed from step {state.global_step} (epoch {state.epoch}, {position} into it)")
         return state
 
     @property
@@ -234,23 +237,41 @@ class StageRunner:
         self.model.train()
         started, first_step = time.perf_counter(), self.state.global_step
         window = Window()
+        rows = self.io.train_rows()
         while self.state.global_step < self.total_steps:
-            batches = skip(self.io.batches("train", self.state.epoch), self.state.batches_in_epoch)
-            for micro_batches in windows(batches, self.micro_batches_per_step):
+            for micro_batches in self._steps_of_epoch(rows):
                 window.add(self.step(micro_batches))
                 self.state.global_step += 1
                 self.state.batches_in_epoch += len(micro_batches)
+                self.state.rows_in_epoch += self._layout().rows_per_step
                 window = self._after_step(window)
                 if self.state.global_step >= self.total_steps:
                     break
             else:
                 self.state.epoch += 1
-                self.state.batches_in_epoch = 0
+                self.state.batches_in_epoch = self.state.rows_in_epoch = 0
         self.ctx.print0(
             f"trained steps {first_step + 1}-{self.state.global_step} in {time.perf_counter() - started:.1f} s"
         )
         self.finish()
         return self.state
+
+    def _layout(self) -> StepLayout:
+        return StepLayout(self.ctx.world_size, self.ctx.rank, self.cfg.per_device_train_batch_size,
+                          self.micro_batches_per_step)  # fmt: skip
+
+    def _steps_of_epoch(self, rows: ArrowRows | None) -> Iterator[list[dict[str, Any]]]:
+        """Each step's micro-batches for this rank from the saved position on: chosen by workers/order.py for a
+        materialized training set (exact on resume), in Ray Data's order for a streamed one (resumed by skipping
+        this rank's micro-batches, so the rows after a restart depend on how Ray Data hands blocks out)."""
+        if rows is None:
+            batches = skip(self.io.batches("train", self.state.epoch), self.state.batches_in_epoch)
+            yield from windows(batches, self.micro_batches_per_step)
+            return
+        shuffle = not self.cfg.disable_shuffling
+        order = epoch_order(len(rows), self.cfg.shuffle_seed(), self.state.epoch, shuffle)
+        for indices in step_indices(order, self.state.rows_in_epoch, self._layout()):
+            yield [rows.take(part) for part in indices]
 
     def _after_step(self, window: Window) -> Window:
         if STEP_DELAY_S:
