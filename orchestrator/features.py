@@ -43,6 +43,8 @@ def features_markdown() -> str:
             counts[status] += 1
             reason = f" ({extra['reason']})" if extra.get("reason") else ""
             doc = (field.description or "").replace("|", "\\|")
+            if extra.get("secret"):
+                doc += " A secret: never written to a file or printed (docs/SECURITY.md)."
             lines.append(
                 f"| `{name}` | {_default(field.default)} | {status}{reason} | {extra.get('source', '')} | {doc} |"
             )

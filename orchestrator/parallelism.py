@@ -7,13 +7,13 @@ workers will run. Only `deepspeed_schema_problems` imports DeepSpeed, to validat
 from __future__ import annotations
 
 import copy
-import difflib
 import json
 import os
 from dataclasses import dataclass
 from typing import Any
 
 from .errors import Problem
+from .suggest import did_you_mean
 
 ZERO_STAGES = (0, 1, 2, 3)
 FSDP_OPTIONS = ("full_shard", "shard_grad_op", "offload", "auto_wrap")
@@ -244,8 +244,8 @@ def fsdp_problems(cfg: Any, base_dir: str | None = None) -> list[Problem]:
         if token in FSDP_REFUSED_OPTIONS:
             problems.append(Problem(f"fsdp.{token}", FSDP_REFUSED_OPTIONS[token]))
         elif token not in FSDP_OPTIONS:
-            problems.append(Problem(f"fsdp.{token}", f"unknown option {token!r}{_did_you_mean(token, FSDP_OPTIONS)}; "
-                                            f"allowed: {', '.join(FSDP_OPTIONS)}"))  # fmt: skip
+            problems.append(Problem(f"fsdp.{token}", f"unknown option {token!r}; allowed: "
+                                            f"{', '.join(FSDP_OPTIONS)}{did_you_mean(token, FSDP_OPTIONS)}"))  # fmt: skip
     if "full_shard" in tokens and "shard_grad_op" in tokens:
         problems.append(Problem("fsdp", "full_shard and shard_grad_op are both given; choose one"))
     try:
@@ -258,8 +258,8 @@ def fsdp_problems(cfg: Any, base_dir: str | None = None) -> list[Problem]:
         if key in FSDP_REFUSED_CONFIG:
             problems.append(Problem(f"fsdp_config.{key}", FSDP_REFUSED_CONFIG[key]))
         elif key not in FSDP_CONFIG_KEYS:
-            problems.append(Problem(f"fsdp_config.{key}", f"unknown key {key!r}{_did_you_mean(key, FSDP_CONFIG_KEYS)}; "
-                                                   f"known: {', '.join(FSDP_CONFIG_KEYS)}"))  # fmt: skip
+            problems.append(Problem(f"fsdp_config.{key}", f"unknown key {key!r}; known: "
+                                                   f"{', '.join(FSDP_CONFIG_KEYS)}{did_you_mean(key, FSDP_CONFIG_KEYS)}"))  # fmt: skip
         elif key == "version" and value != 2:
             problems.append(Problem("fsdp_config.version", f"{value!r}: Loom runs FSDP2 (fully_shard); use 2"))
     return problems
@@ -277,11 +277,6 @@ def fsdp_settings(cfg: Any, base_dir: str | None = None) -> FsdpSettings:
         wrap_layers="auto_wrap" in tokens or bool(classes),
         layer_classes=tuple(classes),
     )
-
-
-def _did_you_mean(given: str, known: tuple[str, ...]) -> str:
-    close = difflib.get_close_matches(given, known, n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 # ---------------------------------------------------------------- all strategies

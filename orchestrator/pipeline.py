@@ -23,7 +23,7 @@ from .config.checks import promised_outputs
 from .config.loader import dedupe, read_config_file, validate_config
 from .config.schema import LoomConfig
 from .errors import ConfigError, Problem
-from .plan import is_safe_name, resolve_path
+from .paths import is_safe_name, resolve_path
 
 # Keys whose value may be `{from: <earlier stage>}`: that stage's output folder (its model or adapter).
 REFERENCE_KEYS = ("model_name_or_path", "adapter_name_or_path", "ref_model", "ref_model_adapters", "reward_model",

@@ -6,11 +6,12 @@ import hashlib
 import json
 import math
 import os
-import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .config.schema import without_secrets
 from .parallelism import describe_sharding, load_json_setting
+from .paths import LOCAL_PATH_KEYS, is_uri, resolve_path
 from .stages import STAGES
 
 RUN_MARKER = "loom_run.json"  # written by rank 0 into output_dir: status running/finished, read by the driver
@@ -126,31 +127,14 @@ def accumulation_for(global_batch: int, per_device: int, world_size: int) -> int
     return max(1, round(global_batch / (per_device * world_size)))
 
 
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
-
-def is_safe_name(name: str) -> bool:
-    """One path component that cannot climb out of its parent: letters, digits and -_. (not starting with a dot)."""
-    return bool(_SAFE_NAME.match(name))
-
-
-def is_uri(path: str) -> bool:
-    return "://" in path
-
-
-def resolve_path(path: str, base_dir: str) -> str:
-    if is_uri(path):
-        return path.rstrip("/")
-    return os.path.normpath(os.path.join(base_dir, os.path.expanduser(path)))
-
-
 def derive_run_name(cfg: Any) -> str:
     """The user's name, or `loom-<stage>-<type>-<hash>` of the config, stable so the same command resumes."""
     if cfg.ray_run_name:
         return cfg.ray_run_name
     if cfg.run_name:
         return cfg.run_name
-    settings = {k: v for k, v in cfg.non_default_values().items() if k not in _NAME_NEUTRAL}
+    # a rotated token must not start a new run: secrets are left out with the other keys that train nothing
+    settings = {k: v for k, v in without_secrets(cfg.non_default_values()).items() if k not in _NAME_NEUTRAL}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
     return f"loom-{cfg.stage}-{cfg.finetuning_type}-{digest}"
 
@@ -282,10 +266,6 @@ def storage_problems(plan: RunPlan, nodes: list[dict[str, float]], driver_node: 
 def _capacity(node: dict[str, float], bundle: dict[str, float]) -> int:
     fits = [math.floor(node.get(res, 0.0) / amount + 1e-9) for res, amount in bundle.items() if amount > 0]
     return min(fits) if fits else 1_000_000
-
-
-LOCAL_PATH_KEYS = ("model_name_or_path", "dataset_dir", "output_dir", "cache_dir", "ray_storage_path", "ref_model",
-                   "reward_model")  # fmt: skip
 
 
 def with_absolute_paths(cfg: Any, base_dir: str | None = None) -> Any:

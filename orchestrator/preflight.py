@@ -15,7 +15,8 @@ from . import storage
 from .config.values import split_csv
 from .data.registry import DatasetSpec, resolve_datasets
 from .errors import ConfigError, PlanError, Problem
-from .plan import RUN_MARKER, RunPlan, is_uri
+from .paths import is_uri
+from .plan import RUN_MARKER, RunPlan
 from .storage import storage_filesystem
 
 

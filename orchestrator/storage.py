@@ -10,7 +10,7 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-from .plan import is_uri
+from .paths import is_uri
 
 
 def storage_filesystem(cfg: Any) -> pafs.FileSystem | None:

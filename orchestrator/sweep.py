@@ -8,7 +8,6 @@ config, and every report a trial makes must carry the metric, since Ray Tune sto
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import itertools
 import json
@@ -23,9 +22,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .config.loader import dedupe, read_config_file, validate_config
 from .config.optimizers import OptimizerArgs
-from .config.schema import LoomConfig
+from .config.schema import LoomConfig, without_secrets
 from .errors import ConfigError, Problem
-from .plan import LOCAL_PATH_KEYS, resolve_path
+from .paths import LOCAL_PATH_KEYS, resolve_path
+from .suggest import did_you_mean
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
 RANGES = ("uniform", "loguniform", "randint")
@@ -141,7 +141,7 @@ class Sweep:
     def fingerprint(self) -> dict[str, Any]:
         """What a resumed sweep must share with the interrupted one (Tune cannot change a space mid-experiment)."""
         return {
-            "base": self.base,
+            "base": without_secrets(self.base),  # a rotated token is the same sweep, and is never written
             "space": [[d.key, d.kind, list(d.values)] for d in self.space],
             "metric": self.metric,
             "mode": self.mode,
@@ -491,9 +491,9 @@ def _asha_arguments(args: SweepArgs, configs: list[LoomConfig], problems: list[P
 
 
 def _did_you_mean(message: str, given: str, choices: list[str], otherwise: str) -> str:
-    match = difflib.get_close_matches(given, choices, n=1, cutoff=0.6)
-    if match:
-        return f"{message}; did you mean {match[0]!r}?"
+    hint = did_you_mean(given, choices)
+    if hint:
+        return message + hint
     return f"{message}; {otherwise}" if otherwise else message
 
 

@@ -23,8 +23,10 @@ from typing import Any
 import yaml
 
 from .config.loader import validate_config
+from .config.schema import without_secrets
 from .errors import ConfigError, PlanError, Problem, TrainingError
-from .plan import is_uri, make_plan, placement_problems, with_absolute_paths
+from .paths import is_uri
+from .plan import make_plan, placement_problems, with_absolute_paths
 from .preflight import preflight_data, read_marker
 from .sweep import Sweep, SweepOutcome, TrialRow, absolute_base, best_trial, one_at_a_time, trial_config
 
@@ -121,8 +123,12 @@ def run_sweep(sweep: Sweep, address: str | None = None, base_dir: str | None = N
         )  # fmt: skip
     outcome.best_config = {**base, **best.params}
     if not is_uri(sweep.experiment_dir):
+        written = without_secrets(outcome.best_config)
         with open(os.path.join(sweep.experiment_dir, BEST_CONFIG), "w", encoding="utf-8") as handle:
-            yaml.safe_dump(outcome.best_config, handle, sort_keys=False)
+            if len(written) < len(outcome.best_config):
+                left_out = ", ".join(sorted(set(outcome.best_config) - set(written)))
+                handle.write(f"# {left_out} left out (secrets are never written): set again, or use the environment\n")
+            yaml.safe_dump(written, handle, sort_keys=False)
     return outcome
 
 

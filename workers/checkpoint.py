@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -44,8 +45,25 @@ class IncompleteCheckpoint(RuntimeError):
     pass
 
 
+class UnsafeState(RuntimeError):
+    pass
+
+
+def load_state(path: str) -> Any:
+    """A state file of a checkpoint: tensors, numbers, strings and containers only (`weights_only=True`), so a file
+    that someone else put in a checkpoint folder cannot run code when it is read."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise UnsafeState(f"{path} was not loaded: it holds objects other than tensors and plain values, so Loom did "
+                          f"not write it ({str(error).splitlines()[0]})") from error  # fmt: skip
+
+
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state in plain values (NumPy's key as a list), so it loads with `weights_only=True`."""
+    numpy = np.random.get_state(legacy=False)
+    numpy["state"]["key"] = numpy["state"]["key"].tolist()
+    state = {"python": random.getstate(), "numpy": numpy, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -53,7 +71,9 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    numpy = {**state["numpy"], "state": {**state["numpy"]["state"]}}
+    numpy["state"]["key"] = np.asarray(numpy["state"]["key"], dtype=np.uint32)
+    np.random.set_state(numpy)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -97,7 +117,7 @@ def save_checkpoint(
 def load_component(folder: str, name: str) -> Any | None:
     """A named component of a checkpoint, or None when the checkpoint has none of that name."""
     path = os.path.join(folder, f"{name}.pt")
-    return torch.load(path, map_location="cpu", weights_only=False) if os.path.isfile(path) else None
+    return load_state(path) if os.path.isfile(path) else None
 
 
 def verify_checkpoint(folder: str) -> dict[str, Any]:
@@ -122,7 +142,7 @@ def restore_checkpoint(folder: str, rank: int) -> TrainState:
     """This rank's RNG and the train state from a verified folder (model, optimizer and components are loaded from
     it by their owners)."""
     verify_checkpoint(folder)
-    rng_states = torch.load(os.path.join(folder, "rng_state.pt"), weights_only=False)
+    rng_states = load_state(os.path.join(folder, "rng_state.pt"))
     if rank < len(rng_states):
         set_rng_state(rng_states[rank])
     return read_state(folder)

@@ -17,6 +17,7 @@ import torch
 
 from orchestrator.parallelism import fsdp_settings, load_json_setting, resolve_deepspeed, strategy_name, zero_stage
 
+from .checkpoint import load_state
 from .context import DistContext
 
 OPTIMIZER_FILE = "optimizer.pt"
@@ -84,7 +85,7 @@ class DDPStrategy:
             torch.save(self.optimizer.state_dict(), os.path.join(folder, OPTIMIZER_FILE))
 
     def load_optimizer(self, folder: str) -> None:
-        state = torch.load(os.path.join(folder, OPTIMIZER_FILE), map_location="cpu", weights_only=False)
+        state = load_state(os.path.join(folder, OPTIMIZER_FILE))
         self.optimizer.load_state_dict(state)
 
     def prepare_frozen(self, model: torch.nn.Module) -> torch.nn.Module:

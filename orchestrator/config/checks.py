@@ -11,10 +11,11 @@ from contextvars import ContextVar
 from typing import Any
 
 from ..errors import Problem
-from ..plan import is_safe_name, is_uri
+from ..paths import is_safe_name, is_uri
 from ..stages import BUILT, REFERENCE_FREE_LOSSES, STAGES, stages_reading
+from ..suggest import did_you_mean
 from .fields import Support
-from .schema import LoomConfig
+from .schema import LoomConfig, shown
 from .values import as_dict, split_csv
 
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -62,7 +63,8 @@ def _scoped(cfg: LoomConfig) -> list[Problem]:
         if stages and cfg.stage not in stages:
             problems.append(
                 Problem(
-                    key, f"only used with stage {' or '.join(stages)}, but stage is {cfg.stage!r} (given {value!r})"
+                    key,
+                    f"only used with stage {' or '.join(stages)}, but stage is {cfg.stage!r} (given {shown(key, value)})",
                 )
             )
         for prefix, method in METHOD_SCOPED.items():
@@ -70,7 +72,7 @@ def _scoped(cfg: LoomConfig) -> list[Problem]:
                 problems.append(
                     Problem(
                         key,
-                        f"only used with finetuning_type {method!r}, but it is {cfg.finetuning_type!r} (given {value!r})",
+                        f"only used with finetuning_type {method!r}, but it is {cfg.finetuning_type!r} (given {shown(key, value)})",
                     )
                 )
     return problems
@@ -298,10 +300,8 @@ def _template(cfg: LoomConfig) -> list[Problem]:
 
     if cfg.template is None or cfg.template in known_templates():
         return []
-    import difflib
 
-    match = difflib.get_close_matches(cfg.template, known_templates(), n=1, cutoff=0.5)
-    hint = f"; did you mean {match[0]!r}?" if match else ""
+    hint = did_you_mean(cfg.template, known_templates(), 0.5)
     return [Problem("template", f"given {cfg.template!r}; known: {', '.join(known_templates())}{hint}")]
 
 
@@ -361,7 +361,7 @@ def support_problems(cfg: LoomConfig) -> list[Problem]:
         extra = LoomConfig.model_fields[key].json_schema_extra or {}
         support = extra.get("support", Support.WORKS.value)
         if support == Support.NOT_YET.value:
-            problems.append(Problem(key, f"not supported yet: {extra['reason']} (given {value!r})"))
+            problems.append(Problem(key, f"not supported yet: {extra['reason']} (given {shown(key, value)})"))
         elif support == Support.REFUSED.value:
-            problems.append(Problem(key, f"refused: {extra['reason']} (given {value!r})"))
+            problems.append(Problem(key, f"refused: {extra['reason']} (given {shown(key, value)})"))
     return problems

@@ -25,12 +25,14 @@ def param(
     support: Support = Support.WORKS,
     reason: str = "",
     source: str = "llamafactory",
+    secret: bool = False,
     **constraints: Any,
 ) -> Any:
-    """A config field. `source` is `llamafactory`, `transformers` (TrainingArguments) or `loom` (our extension)."""
+    """A config field. `source` is `llamafactory`, `transformers` (TrainingArguments) or `loom` (our extension).
+    A `secret` one (a token, an API key) is never written to a file or printed (docs/SECURITY.md)."""
     if support is not Support.WORKS and not reason:
         raise ValueError(f"a field with support {support.value!r} needs a reason")
-    extra = {"support": support.value, "reason": reason, "source": source}
+    extra = {"support": support.value, "reason": reason, "source": source, "secret": secret}
     return Field(default, description=doc, json_schema_extra=extra, **constraints)
 
 

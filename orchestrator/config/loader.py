@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
 import typing
@@ -12,8 +11,9 @@ import yaml
 from pydantic import ValidationError
 
 from ..errors import ConfigError, Problem
+from ..suggest import did_you_mean
 from .checks import cross_field_problems, support_problems
-from .schema import LoomConfig
+from .schema import LoomConfig, shown
 
 
 def read_config_file(path: str) -> dict[str, Any]:
@@ -113,13 +113,8 @@ def dedupe(problems: list[Problem]) -> list[Problem]:
 
 
 def _unknown_key_message(key: str, value: Any) -> str:
-    message = f"unknown key (given {value!r})"
-    match = difflib.get_close_matches(key, list(LoomConfig.model_fields), n=1, cutoff=0.6)
-    if match:
-        message += f"; did you mean {match[0]!r}?"
-    else:
-        message += "; see docs/FEATURES.md for every key"
-    return message
+    hint = did_you_mean(key, LoomConfig.model_fields)
+    return f"unknown key (given {shown(key, value)}){hint or '; see docs/FEATURES.md for every key'}"
 
 
 def allowed_values(key: str) -> list[Any] | None:
@@ -134,12 +129,10 @@ def allowed_values(key: str) -> list[Any] | None:
 def _value_message(key: str, value: Any, error: dict) -> str:
     choices = allowed_values(key)
     if choices is not None and error["type"] == "literal_error":
-        message = f"given {value!r}; allowed: {', '.join(str(c) for c in choices)}"
-        match = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.5)
-        return message + (f"; did you mean {match[0]!r}?" if match else "")
+        return f"given {value!r}; allowed: {', '.join(str(c) for c in choices)}" + did_you_mean(value, choices, 0.5)
     field = LoomConfig.model_fields[key]
     expected = _type_name(field.annotation)
-    return f"given {value!r}; {error['msg'].lower()} (expected {expected}, default {field.default!r})"
+    return f"given {shown(key, value)}; {error['msg'].lower()} (expected {expected}, default {field.default!r})"
 
 
 def _type_name(annotation: Any) -> str:

@@ -59,9 +59,11 @@ class ModelArgs(BaseModel):
     infer_dtype: Literal["auto", "float16", "bfloat16", "float32"] = param(
         "auto", "Dtype of weights and activations at inference time."
     )
-    hf_hub_token: str | None = param(None, "Hugging Face Hub token used to download gated or private models.")
-    ms_hub_token: str | None = not_yet(None, "ModelScope Hub token.", OTHER_HUBS)
-    om_hub_token: str | None = not_yet(None, "Modelers (OpenMind) Hub token.", OTHER_HUBS)
+    hf_hub_token: str | None = param(
+        None, "Hugging Face Hub token used to download gated or private models.", secret=True
+    )
+    ms_hub_token: str | None = not_yet(None, "ModelScope Hub token.", OTHER_HUBS, secret=True)
+    om_hub_token: str | None = not_yet(None, "Modelers (OpenMind) Hub token.", OTHER_HUBS, secret=True)
     print_param_status: bool = param(False, "Print each parameter's dtype, device and trainable flag after loading.")
     trust_remote_code: bool = param(False, "Allow running code shipped with a model or dataset on the Hub.")
     compute_dtype: str | None = refused(None, "Dtype used to compute model outputs.", DERIVED)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Mapping
+from typing import Any
+
 from pydantic import ConfigDict
 
 from ..stages import STAGES
@@ -80,3 +84,22 @@ class LoomConfig(*GROUPS):
     def non_default_values(self) -> dict:
         """Only the keys the user set to something other than the default: what a run name hashes."""
         return self.model_dump(exclude_defaults=True)
+
+    @classmethod
+    def secret_keys(cls) -> frozenset[str]:
+        """Keys declared `secret` (tokens, API keys): never written to a file or printed."""
+        return frozenset(name for name, f in cls.model_fields.items() if (f.json_schema_extra or {}).get("secret"))
+
+
+def without_secrets(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """A config mapping as it may be written or printed: the secret keys left out."""
+    return {key: value for key, value in raw.items() if key not in LoomConfig.secret_keys()}
+
+
+def shown(key: str, value: Any) -> str:
+    """A value as a message may quote it: a secret key's value (or one set under a name close to a secret key's, a
+    likely typo of it) is not shown."""
+    secrets = LoomConfig.secret_keys()
+    if key in secrets or difflib.get_close_matches(key, secrets, n=1, cutoff=0.8):
+        return "a value not shown here: this key holds a secret"
+    return repr(value)

@@ -15,4 +15,4 @@ class TrackingArgs(BaseModel):
     swanlab_workspace: str | None = not_yet(None, "SwanLab workspace name.", REASON)
     swanlab_run_name: str | None = not_yet(None, "SwanLab experiment name.", REASON)
     swanlab_mode: Literal["cloud", "local"] = not_yet("cloud", "SwanLab mode: cloud or local.", REASON)
-    swanlab_api_key: str | None = not_yet(None, "SwanLab API key.", REASON)
+    swanlab_api_key: str | None = not_yet(None, "SwanLab API key.", REASON, secret=True)

@@ -7,13 +7,13 @@ LLaMA-Factory, an entry that gives `columns` (or `tags`) leaves every role it do
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
 from dataclasses import dataclass, field
 
 from ..errors import Problem
 from ..stages import STAGES
+from ..suggest import did_you_mean
 
 FORMATTINGS = ("alpaca", "sharegpt", "openai")
 COLUMN_ROLES = ("prompt", "query", "response", "history", "messages", "system", "tools",
@@ -271,10 +271,10 @@ def _from_name(name: str, dataset_dir: str, registry: dict, key: str) -> tuple[D
     """A name that is not a registry entry: a file or folder in dataset_dir, read as alpaca (or text)."""
     path = os.path.join(dataset_dir, name)
     if not os.path.exists(path):
-        hint = difflib.get_close_matches(name, list(registry) + _listdir(dataset_dir), n=1, cutoff=0.6)
+        hint = did_you_mean(name, list(registry) + _listdir(dataset_dir))
         known = ", ".join(sorted(registry)) or "none"
         message = f"{name!r} is neither an entry of dataset_info.json (known: {known}) nor a file in {dataset_dir!r}"
-        return None, [Problem(key, message + (f"; did you mean {hint[0]!r}?" if hint else ""))]
+        return None, [Problem(key, message + hint)]
     files, file_type, message = _local_files(name, dataset_dir)
     if message:
         return None, [Problem(key, message)]

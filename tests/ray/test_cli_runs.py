@@ -171,8 +171,25 @@ def final_weights(output_dir: str) -> dict:
     return load_file(os.path.join(output_dir, name))
 
 
+PLANTED = "hf_PLANTEDsecret0123456789abcdef"  # a hub token in the config: it must never be written anywhere
+
+
+def files_holding(secret: str, *folders) -> list[str]:
+    found = []
+    for folder in folders:
+        for root, _, names in os.walk(folder):
+            for name in names:
+                path = os.path.join(root, name)
+                with open(path, "rb") as handle:
+                    if secret.encode() in handle.read():
+                        found.append(path)
+    return found
+
+
 def test_same_yaml_runs_under_ray_job_submit(ray_cluster, train_config, tmp_path):
-    raw = train_config(max_steps=4, save_steps=2, ray_run_name="job")
+    """The job also carries a hub token in its config: no file the run writes, no line of its output, and none of
+    Ray's session logs holds it (docs/SECURITY.md)."""
+    raw = train_config(max_steps=4, save_steps=2, ray_run_name="job", hf_hub_token=PLANTED)
     project = tmp_path / "project"
     write_yaml(project, raw)
     (project / "notes.txt").write_text("the working dir is uploaded to the cluster\n")
@@ -180,6 +197,12 @@ def test_same_yaml_runs_under_ray_job_submit(ray_cluster, train_config, tmp_path
     assert "succeeded" in output and "checkpoint-000004" in output
     assert steps_logged(raw["output_dir"]) == [1, 2, 3, 4]
     assert checkpoints(os.path.join(raw["ray_storage_path"], "job")) == ["checkpoint-000002", "checkpoint-000004"]
+    assert PLANTED not in output
+    ray_logs = "/tmp/ray/session_latest/logs"
+    assert os.path.isdir(ray_logs) and files_holding(PLANTED, project) == [
+        str(project / "cfg.yaml")
+    ]  # the search works
+    assert files_holding(PLANTED, raw["output_dir"], raw["ray_storage_path"], ray_logs) == []
 
 
 def test_killed_dpo_worker_is_restarted_from_the_latest_checkpoint(ray_cluster, train_config, tmp_path):

@@ -8,6 +8,7 @@ import re
 import yaml
 
 from orchestrator.cli import main
+from tests.ray.test_cli_runs import PLANTED, files_holding
 
 
 def table_rows(text: str) -> dict[float, list[str]]:
@@ -30,7 +31,15 @@ def field(text: str, name: str) -> str:
 def test_asha_grid_sweep_stops_the_weak_trial_keeps_the_best_and_restores_as_done(
     ray_cluster, train_config, tmp_path, capsys
 ):
-    base = train_config(ray_num_workers=1, max_steps=4, save_steps=2, logging_steps=1, cutoff_len=64, max_samples=32)
+    base = train_config(
+        ray_num_workers=1,
+        max_steps=4,
+        save_steps=2,
+        logging_steps=1,
+        cutoff_len=64,
+        max_samples=32,
+        hf_hub_token=PLANTED,
+    )  # never written: not in best_config.yaml nor any file of the sweep
     sweep = {
         "base": base,
         # In this order, one trial at a time: the strong rate sets ASHA's bar at step 2, the weak one falls under it.
@@ -64,12 +73,18 @@ def test_asha_grid_sweep_stops_the_weak_trial_keeps_the_best_and_restores_as_don
     assert os.path.isfile(os.path.join(base["output_dir"], best_id, "adapter_model.safetensors"))
     best_config = yaml.safe_load((experiment / "best_config.yaml").read_text())
     assert best_config["learning_rate"] == 1.0e-2 and best_config["max_steps"] == 4
+    assert "hf_hub_token" not in best_config
+    assert (experiment / "best_config.yaml").read_text().startswith("# hf_hub_token left out (secrets are never")
+    assert files_holding(PLANTED, experiment, base["output_dir"]) == []
 
     # The same command again restores the experiment: nothing left to run, the same table and best.
     assert main(["tune", str(path), "--address", ray_cluster.gcs_address]) == 0
     again = capsys.readouterr().out
     assert "start         resumed" in again and field(again, "best").split()[0] == best_id
     assert table_rows(again) == rows
+    # A rotated token is the same sweep (secrets are not part of its fingerprint).
+    assert main(["tune", str(path), "hf_hub_token=hf_rotated", "--address", ray_cluster.gcs_address]) == 0
+    assert "start         resumed" in capsys.readouterr().out
 
     # A changed sweep under the same name is refused rather than mixed into the old experiment.
     assert main(["tune", str(path), "max_steps=6", "--address", ray_cluster.gcs_address]) == 4

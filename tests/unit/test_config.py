@@ -217,3 +217,20 @@ def test_a_training_set_emptied_by_preprocessing_names_its_datasets_and_reasons(
         "2 needs exactly one response)",
         "  - dataset 'extra': 4 rows read, 0 dropped",
     ]
+
+
+def test_a_secret_is_never_quoted_and_never_names_a_run(model_dir):
+    from orchestrator.config.schema import without_secrets
+    from orchestrator.plan import derive_run_name
+
+    secret = "hf_PLANTED_secret_0123456789"
+    assert LoomConfig.secret_keys() >= {"hf_hub_token", "ms_hub_token", "om_hub_token", "swanlab_api_key"}
+    found = problems(base(model_dir, hf_hub_token=[secret], ms_hub_token=secret, swanlab_api_key=secret,
+                          hf_hub_tokn=secret, stage="pt"))  # fmt: skip
+    assert set(found) == {"hf_hub_token", "ms_hub_token", "swanlab_api_key", "hf_hub_tokn"}
+    assert all(secret not in message and "not shown" in message for message in found.values()), found
+    assert "did you mean 'hf_hub_token'" in found["hf_hub_tokn"]
+    # a rotated token resumes the same run (the derived name hashes everything else)
+    names = {derive_run_name(validate_config(base(model_dir, hf_hub_token=t))) for t in (None, secret, "hf_other")}
+    assert len(names) == 1
+    assert without_secrets({"hf_hub_token": secret, "lora_rank": 4}) == {"lora_rank": 4}

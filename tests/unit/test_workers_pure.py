@@ -10,9 +10,13 @@ import torch
 from workers.checkpoint import (
     IncompleteCheckpoint,
     TrainState,
+    UnsafeState,
     load_component,
+    load_state,
     read_state,
+    rng_state,
     save_checkpoint,
+    set_rng_state,
     verify_checkpoint,
 )
 from workers.collate import IGNORE_INDEX, pad_batch
@@ -88,6 +92,32 @@ def test_checkpoint_manifest_detects_partial_writes(tmp_path):
     (folder / "loom_checkpoint.json").unlink()
     with pytest.raises(IncompleteCheckpoint, match="not completely written"):
         verify_checkpoint(str(folder))
+
+
+class _Planted:
+    """A pickle that runs code when it is loaded: what someone could put into a checkpoint folder."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_checkpoint_state_loads_without_running_pickled_code(tmp_path):
+    import random
+
+    import numpy as np
+
+    torch.save(rng_state(), tmp_path / "rng_state.pt")
+    draws = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+    set_rng_state(load_state(str(tmp_path / "rng_state.pt")))  # weights_only=True reads Loom's own RNG file
+    assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == draws
+    marker = tmp_path / "ran"
+    torch.save({"last_epoch": 1, "payload": _Planted(str(marker))}, tmp_path / "scheduler.pt")
+    with pytest.raises(UnsafeState, match="scheduler.pt was not loaded"):
+        load_component(str(tmp_path), "scheduler")
+    assert not marker.exists()
 
 
 def test_trainer_log_truncates_steps_after_the_checkpoint(tmp_path):

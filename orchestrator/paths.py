@@ -1,0 +1,27 @@
+"""Paths, URIs and names: the one place that says what a path resolves to and what a name may be. Pure."""
+
+from __future__ import annotations
+
+import os
+import re
+
+# Config keys holding local paths (or hub ids, or URIs), made absolute against the config's folder.
+LOCAL_PATH_KEYS = ("model_name_or_path", "dataset_dir", "output_dir", "cache_dir", "ray_storage_path", "ref_model",
+                   "reward_model")  # fmt: skip
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def is_safe_name(name: str) -> bool:
+    """One path component that cannot climb out of its parent: letters, digits and -_. (not starting with a dot)."""
+    return bool(_SAFE_NAME.match(name))
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def resolve_path(path: str, base_dir: str) -> str:
+    if is_uri(path):
+        return path.rstrip("/")
+    return os.path.normpath(os.path.join(base_dir, os.path.expanduser(path)))
