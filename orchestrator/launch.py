@@ -12,7 +12,7 @@ from typing import Any
 from .data.cache import cached_manifest
 from .errors import DataError, PlanError, TrainingError
 from .plan import RunPlan, make_plan, placement_problems, storage_problems, with_absolute_paths
-from .preflight import preflight_data, prepare_run_dirs
+from .preflight import RunStart, clear_earlier_run, decide_run_start, preflight_data
 from .storage import ray_storage_path, storage_filesystem
 
 
@@ -95,7 +95,11 @@ def check_placement(plan: RunPlan) -> None:
     nodes = [dict(node["Resources"]) for node in alive]
     problems = placement_problems(plan, nodes)
     if problems:
-        raise PlanError("the worker bundles cannot be placed on this cluster:\n  - " + "\n  - ".join(problems))
+        raise PlanError(
+            "the worker bundles (ray_num_workers x resources_per_worker) cannot be placed on this cluster:\n  - "
+            + "\n  - ".join(problems)
+            + "\n(ask for less per worker, fewer workers, or start the run on a cluster that has them)"
+        )
     here = ray.get_runtime_context().get_node_id()
     driver = next((dict(node["Resources"]) for node in alive if node["NodeID"] == here), None)
     problems = storage_problems(plan, nodes, driver)
@@ -136,7 +140,7 @@ def train(
     specs = preflight_data(cfg, source)
     cached_manifest(cfg, specs.train, specs.eval)  # a stale tokenized cache stops the run here, before Ray starts
     plan = make_plan(cfg, base_dir)
-    start = prepare_run_dirs(cfg, plan)
+    start = decide_run_start(cfg, plan)
     clock.lap("checks")
     connect(address)
     clock.lap("ray start")
@@ -156,19 +160,21 @@ def train_prepared(cfg: Any, data: Any, base_dir: str | None = None, callbacks: 
     clock = Stopwatch()
     cfg = with_absolute_paths(cfg, base_dir)
     plan = make_plan(cfg, base_dir)
-    start = prepare_run_dirs(cfg, plan)
+    start = decide_run_start(cfg, plan)
     check_placement(plan)
     clock.lap("checks")
     return _fit_prepared(cfg, base_dir, data, start, clock, callbacks)
 
 
 def _fit_prepared(
-    cfg: Any, base_dir: str | None, data: Any, start: str, clock: Stopwatch, callbacks: list | None
+    cfg: Any, base_dir: str | None, data: Any, start: RunStart, clock: Stopwatch, callbacks: list | None
 ) -> TrainOutcome:
     train_rows = data.summary["train_examples"]
     if train_rows is not None and train_rows < cfg.ray_num_workers:
         raise DataError(too_few_examples(data.summary, cfg.ray_num_workers))
     plan = make_plan(cfg, base_dir, train_rows=train_rows, streaming=cfg.streaming)
+    if start.clears_earlier:  # only now: every check has passed and the data is prepared
+        clear_earlier_run(cfg, plan)
     result = fit(cfg, plan, data, callbacks)
     clock.lap("fit")
     return TrainOutcome(
@@ -177,7 +183,7 @@ def _fit_prepared(
         checkpoint=result.checkpoint.path if result.checkpoint else None,
         metrics=dict(result.metrics or {}),
         data_summary=data.summary,
-        start=start,
+        start=start.describe,
         timings=clock.laps,
     )
 

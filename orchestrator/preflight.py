@@ -24,9 +24,15 @@ def data_problems(cfg: Any) -> tuple[list[DatasetSpec], list[Problem]]:
     return resolve_datasets(cfg.dataset_names(), cfg.dataset_dir, stage=cfg.stage, seed=cfg.seed)
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
+
+
 def model_problems(cfg: Any) -> list[Problem]:
-    """Module names in the config checked against the model's own structure, built on the meta device."""
-    if not cfg.model_name_or_path or not os.path.isdir(cfg.model_name_or_path):
+    """A local model folder, checked in the order a worker loads it: its config, its weights, its tokenizer (and
+    the template's tokens), then the module names in the config against the model built on the meta device. The
+    first of config or weights that fails is the one problem reported: what follows depends on it."""
+    folder = cfg.model_name_or_path
+    if not folder or not os.path.isdir(folder):
         return []
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -34,24 +40,33 @@ def model_problems(cfg: Any) -> list[Problem]:
     from workers.model import module_name_problems
 
     try:
-        config = AutoConfig.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError, KeyError) as error:
-        return [Problem("model_name_or_path", f"cannot read the model in {cfg.model_name_or_path!r}: {error}")]
-    return [Problem(key, message) for key, message in module_name_problems(cfg, model)]
+        return [Problem("model_name_or_path", f"cannot read the model in {folder!r}: {_first_line(error)}")]
+    if not any(name.endswith(WEIGHT_SUFFIXES) for name in os.listdir(folder)):
+        return [Problem("model_name_or_path", f"{folder!r} holds a model config but no weights (*.safetensors or "
+                                              "*.bin files)")]  # fmt: skip
+    problems = tokenizer_problems(cfg)
+    return problems + [Problem(key, message) for key, message in module_name_problems(cfg, model)]
 
 
 def tokenizer_problems(cfg: Any) -> list[Problem]:
-    if not cfg.model_name_or_path or not os.path.isdir(cfg.model_name_or_path):
-        return []
     from .data.tokenizer import TokenizerSpec, load_tokenizer
 
     try:
         load_tokenizer(TokenizerSpec.from_config(cfg))
     except (OSError, ValueError) as error:
-        return [Problem("template" if "template" in str(error) else "model_name_or_path", str(error))]
+        if "template" in str(error):
+            return [Problem("template", str(error))]
+        return [Problem("model_name_or_path", f"cannot load the tokenizer in {cfg.model_name_or_path!r}: "
+                                              f"{_first_line(error)}")]  # fmt: skip
     return []
+
+
+def _first_line(error: Exception) -> str:
+    return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
 
 
 @dataclass(frozen=True)
@@ -70,7 +85,7 @@ def preflight_data(cfg: Any, source: str) -> DataSpecs:
             split_csv(cfg.eval_dataset), cfg.dataset_dir, key="eval_dataset", stage=cfg.stage, seed=cfg.seed
         )
         problems += eval_problems
-    problems += tokenizer_problems(cfg) + model_problems(cfg)
+    problems += model_problems(cfg)
     if problems:
         raise ConfigError(problems, source=source)
     return DataSpecs(specs, eval_specs)
@@ -89,12 +104,22 @@ def read_marker(output_dir: str) -> dict | None:
         return json.load(handle)
 
 
-def prepare_run_dirs(cfg: Any, plan: RunPlan) -> str:
-    """Decide fresh / resume / refuse for the run directory and output_dir. Returns what will happen, in words."""
+@dataclass(frozen=True)
+class RunStart:
+    """How a run starts, decided at the driver's checks without touching anything."""
+
+    describe: str  # in words, for the user
+    clears_earlier: bool = False  # overwrite_output_dir: remove the earlier run, once the data is prepared
+
+
+def decide_run_start(cfg: Any, plan: RunPlan) -> RunStart:
+    """Fresh, resume, overwrite or refuse, from the run directory and output_dir. Reads only: an overwrite removes
+    the earlier run later (`clear_earlier_run`), so a run that stops at a later check has removed nothing."""
     marker = read_marker(plan.output_dir)
     if cfg.overwrite_output_dir:
-        _remove_run(plan, marker, storage_filesystem(cfg))
-        return "overwrite: the earlier run with this name was removed; training starts from step 0"
+        if marker or storage.exists(*storage.resolve(plan.run_dir, storage_filesystem(cfg))):
+            return RunStart("overwrite: the earlier run with this name is removed; training starts from step 0", True)
+        return RunStart("fresh (overwrite_output_dir: there was no earlier run to remove)")
     if marker and marker.get("status") == "finished":
         raise PlanError(
             f"run {plan.run_name!r} already finished ({plan.output_dir} holds its model, step {marker.get('step')}). "
@@ -112,8 +137,17 @@ def prepare_run_dirs(cfg: Any, plan: RunPlan) -> str:
         )
     latest = latest_committed_checkpoint(plan.run_dir, storage_filesystem(cfg))
     if latest:
-        return f"resume from {latest}"
-    return "fresh (an earlier attempt left no committed checkpoint)" if marker else "fresh"
+        return RunStart(f"resume from {latest}")
+    return RunStart("fresh (an earlier attempt left no committed checkpoint)" if marker else "fresh")
+
+
+def clear_earlier_run(cfg: Any, plan: RunPlan) -> None:
+    """The overwrite itself: the run directory, and output_dir when a Loom run wrote it (it holds our marker)."""
+    filesystem, root = storage.resolve(plan.run_dir, storage_filesystem(cfg))
+    if storage.exists(filesystem, root):
+        filesystem.delete_dir(root)
+    if read_marker(plan.output_dir) and os.path.isdir(plan.output_dir):
+        shutil.rmtree(plan.output_dir)  # only a folder Loom wrote is deleted whole
 
 
 def latest_committed_checkpoint(run_dir: str, filesystem: Any = None) -> str | None:
@@ -130,11 +164,3 @@ def latest_committed_checkpoint(run_dir: str, filesystem: Any = None) -> str | N
 
 def _non_empty(folder: str) -> bool:
     return not is_uri(folder) and os.path.isdir(folder) and bool(os.listdir(folder))
-
-
-def _remove_run(plan: RunPlan, marker: dict | None, filesystem: Any = None) -> None:
-    filesystem, root = storage.resolve(plan.run_dir, filesystem)
-    if storage.exists(filesystem, root):
-        filesystem.delete_dir(root)
-    if marker and os.path.isdir(plan.output_dir):
-        shutil.rmtree(plan.output_dir)  # only a folder Loom wrote (it holds our marker) is deleted whole

@@ -19,8 +19,13 @@ from .schema import LoomConfig, shown
 def read_config_file(path: str) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise ConfigError([Problem("config", f"file {path!r} does not exist")], source=path)
-    with open(path, encoding="utf-8") as handle:
-        text = handle.read()
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except UnicodeDecodeError as error:
+        line = error.object[: error.start].count(b"\n") + 1
+        raise ConfigError([Problem("config", f"{path} is not UTF-8 text (byte {error.object[error.start]:#04x} on "
+                                             f"line {line}); save it as UTF-8")], source=path) from None  # fmt: skip
     try:
         data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
     except (yaml.YAMLError, json.JSONDecodeError) as error:

@@ -19,6 +19,8 @@ FORMATTINGS = ("alpaca", "sharegpt", "openai")
 COLUMN_ROLES = ("prompt", "query", "response", "history", "messages", "system", "tools",
                 "images", "videos", "audios", "chosen", "rejected", "kto_tag")  # fmt: skip
 MEDIA_ROLES = ("images", "videos", "audios")
+ENTRY_KEYS = ("file_name", "hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name", "formatting",
+              "ranking", "subset", "split", "folder", "num_samples", "columns", "tags")  # fmt: skip
 TAG_NAMES = ("role_tag", "content_tag", "user_tag", "assistant_tag", "observation_tag", "function_tag", "system_tag")
 DEFAULT_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "messages": "conversations"}
 SHAREGPT_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
@@ -79,7 +81,7 @@ def load_registry(dataset_dir: str) -> tuple[dict, list[Problem]]:
     try:
         with open(path, encoding="utf-8") as handle:
             registry = json.load(handle)
-    except (OSError, json.JSONDecodeError) as error:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
         return {}, [Problem("dataset_dir", f"cannot read {path}: {error}")]
     if not isinstance(registry, dict):
         return {}, [Problem("dataset_dir", f"{path} must hold a JSON object of dataset entries")]
@@ -96,6 +98,8 @@ def resolve_datasets(
     if not os.path.isdir(dataset_dir):
         return [], [Problem("dataset_dir", f"folder {dataset_dir!r} does not exist")]
     registry, problems = load_registry(dataset_dir)
+    if problems:  # an unreadable registry: which names it holds is unknown, so none is reported as missing
+        return [], problems
     specs = []
     for name in names:
         if name in registry:
@@ -150,7 +154,13 @@ def _spec(name: str, files: tuple, file_type: str, entry: dict, seed: int, hub: 
 
 def _entry_problems(entry: dict) -> list[str]:
     """What is wrong with an entry's formatting, ranking, columns, tags and num_samples."""
-    messages = []
+    messages = [f"unknown key {name!r}{did_you_mean(name, ENTRY_KEYS) or '; known: ' + ', '.join(ENTRY_KEYS)}"
+                for name in entry if name not in ENTRY_KEYS]  # fmt: skip
+    for part, known in (("columns", COLUMN_ROLES), ("tags", TAG_NAMES)):
+        value = entry.get(part)
+        if isinstance(value, dict):
+            messages += [f"{part}: unknown name {name!r}{did_you_mean(name, known) or '; known: ' + ', '.join(known)}"
+                         for name in value if name not in known]  # fmt: skip
     formatting = entry.get("formatting", "alpaca")
     if formatting not in FORMATTINGS:
         messages.append(f"formatting {formatting!r} is not one of {', '.join(FORMATTINGS)}")

@@ -10,7 +10,7 @@ import torch
 
 from orchestrator.errors import PlanError
 from orchestrator.plan import make_plan
-from orchestrator.preflight import prepare_run_dirs
+from orchestrator.preflight import clear_earlier_run, decide_run_start
 from tests.helpers import tiny_config
 from workers.model import build_model
 from workers.optim import build_optimizer, build_scheduler
@@ -73,15 +73,19 @@ def test_run_directory_rules(tiny_model, tmp_path):
         tiny_model, output_dir=str(tmp_path / "out"), ray_storage_path=str(tmp_path / "saves"), ray_run_name="r"
     )
     plan = make_plan(cfg)
-    assert prepare_run_dirs(cfg, plan) == "fresh"
+    overwrite = cfg.model_copy(update={"overwrite_output_dir": True})
+    assert decide_run_start(cfg, plan).describe == "fresh"
+    assert decide_run_start(overwrite, plan).describe.startswith("fresh (overwrite_output_dir: there was no earlier")
     marker(plan.output_dir, "running", "r")
-    assert prepare_run_dirs(cfg, plan).startswith("fresh (an earlier attempt")
+    assert decide_run_start(cfg, plan).describe.startswith("fresh (an earlier attempt")
     marker(plan.output_dir, "finished", "r")
     with pytest.raises(PlanError, match="already finished"):
-        prepare_run_dirs(cfg, plan)
+        decide_run_start(cfg, plan)
     os.makedirs(os.path.join(plan.run_dir, "checkpoint-000008"))
-    overwrite = cfg.model_copy(update={"overwrite_output_dir": True})
-    assert prepare_run_dirs(overwrite, plan).startswith("overwrite")
+    start = decide_run_start(overwrite, plan)
+    assert start.describe.startswith("overwrite") and start.clears_earlier
+    assert os.path.isdir(plan.run_dir) and os.path.isdir(plan.output_dir)  # deciding removes nothing
+    clear_earlier_run(overwrite, plan)
     assert not os.path.exists(plan.run_dir) and not os.path.exists(plan.output_dir)
 
 
@@ -92,13 +96,13 @@ def test_foreign_output_dir_is_not_touched(tiny_model, tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.tex").write_text("precious")
     with pytest.raises(PlanError, match="not written by a Loom run"):
-        prepare_run_dirs(cfg, make_plan(cfg))
+        decide_run_start(cfg, make_plan(cfg))
     marker(str(tmp_path / "mine"), "running", "someone-else")
     with pytest.raises(PlanError, match="belongs to run 'someone-else'"):
-        prepare_run_dirs(cfg, make_plan(cfg))
+        decide_run_start(cfg, make_plan(cfg))
     overwrite = cfg.model_copy(update={"overwrite_output_dir": True})
     (tmp_path / "mine" / "loom_run.json").unlink()
-    prepare_run_dirs(overwrite, make_plan(overwrite))
+    clear_earlier_run(overwrite, make_plan(overwrite))
     assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"  # only folders Loom wrote are deleted
 
 
