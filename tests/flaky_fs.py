@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 
 import pyarrow as pa
@@ -17,21 +18,36 @@ class FlakyFileSystemHandler(pafs.FileSystemHandler):
     written successfully, in order; `attempts` every output path asked for that matched.
     """
 
-    def __init__(self, base, failures: int, match: str = "", at_close: bool = False, log: str | None = None):
+    def __init__(self, base, failures: int, match: str = "", at_close: bool = False, log: str | None = None,
+                 slow: str = "", delay_s: float = 0.0):  # fmt: skip
         self.base, self.failures, self.match, self.at_close, self.log = base, failures, match, at_close, log
+        self.slow, self.delay_s = slow, delay_s  # the first write in a process to a path holding `slow` waits
         self.attempts: list[str] = []
         self.written: list[str] = []
 
     def __reduce__(self):  # picklable into Ray workers; counters start afresh in each process
-        return FlakyFileSystemHandler, (self.base, self.failures, self.match, self.at_close, self.log)
+        args = (self.base, self.failures, self.match, self.at_close, self.log, self.slow, self.delay_s)
+        return FlakyFileSystemHandler, args
+
+    def _noted(self, text: str) -> bool:
+        if not self.log or not os.path.isfile(self.log):
+            return False
+        with open(self.log, encoding="utf-8") as handle:
+            return text in handle.read()
+
+    def _note(self, message: str) -> None:
+        if self.log:  # visible to a test when it happened in another process (a Ray worker)
+            with open(self.log, "a", encoding="utf-8") as handle:
+                handle.write(f"{time.time():.2f} {message}\n")
 
     def _injected(self, message: str) -> OSError:
-        if self.log:  # visible to a test when the failure happened in another process (a Ray worker)
-            with open(self.log, "a", encoding="utf-8") as handle:
-                handle.write(message + "\n")
+        self._note(message)
         return OSError(message)
 
     def open_output_stream(self, path, metadata):
+        if self.slow and self.slow in path and not self._noted(" slow "):  # once: a window to kill this writer in
+            self._note(f"{os.getpid()} slow {path}")
+            time.sleep(self.delay_s)
         if self.match not in path:
             return self.base.open_output_stream(path, metadata=metadata)
         self.attempts.append(path)
@@ -121,3 +137,16 @@ def flaky_local_storage() -> pafs.PyFileSystem:
     """A `ray_storage_filesystem` factory for Ray tests: the local disk, where the first write of a checkpoint file
     in each process fails once (as a store's transient error would). Injected failures go to $LOOM_TEST_FLAKY_LOG."""
     return flaky_filesystem(pafs.LocalFileSystem(), failures=1, match="/checkpoint-", log=os.environ.get(FLAKY_LOG_ENV))
+
+
+CHAOS_FAIL_ENV, CHAOS_SLOW_ENV = "LOOM_TEST_FAIL_WRITE", "LOOM_TEST_SLOW_WRITE"
+
+
+def chaos_storage() -> pafs.PyFileSystem:
+    """The chaos test's storage: the local disk, where the first write of a path holding $LOOM_TEST_FAIL_WRITE fails
+    once in each process, and the first write of a path holding $LOOM_TEST_SLOW_WRITE (the first of the whole
+    run, as the log tells) waits 20 s, while the test kills the writer. Both are noted, with the time and the writer's pid, in $LOOM_TEST_FLAKY_LOG."""
+    fail, slow = os.environ.get(CHAOS_FAIL_ENV, ""), os.environ.get(CHAOS_SLOW_ENV, "")
+    handler = FlakyFileSystemHandler(pafs.LocalFileSystem(), failures=1 if fail else 0, match=fail or "\0",
+                                     log=os.environ.get(FLAKY_LOG_ENV), slow=slow, delay_s=20.0)  # fmt: skip
+    return pafs.PyFileSystem(handler)
