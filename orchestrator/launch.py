@@ -107,6 +107,33 @@ def check_placement(plan: RunPlan) -> None:
         raise PlanError("\n".join(problems))
 
 
+def check_free(plan: RunPlan, wait_s: float) -> None:
+    """The workers' bundles can be reserved now, and a CPU is free for Ray Data: on a cluster whose resources
+    another job holds, Ray Train would wait for them without end (it retries a worker group that cannot start).
+    A placement group of the bundles is asked for, waited for up to `wait_s`, and removed again at once."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    count = plan.min_workers or plan.num_workers
+    group = placement_group([dict(plan.resources_per_worker)] * count, strategy=plan.placement_strategy)
+    try:
+        reserved = group.wait(timeout_seconds=wait_s)
+    finally:
+        remove_placement_group(group)
+    free = {k: v for k, v in ray.available_resources().items() if not k.startswith(("node:", "memory", "object_store"))}
+    problems = []
+    if not reserved:
+        problems.append(f"{count} bundle{'s' if count != 1 else ''} of {plan.resources_per_worker} (ray_num_workers x "
+                        f"resources_per_worker) could not be reserved within {wait_s:g} s (ray_placement_wait_s)")  # fmt: skip
+    if free.get("CPU", 0.0) < 1:
+        problems.append("no CPU is free to prepare the data with Ray Data")
+    if problems:
+        held = ", ".join(f"{k} {v:g}" for k, v in sorted(free.items())) or "nothing"
+        raise PlanError("the cluster has room for this run, but not now: " + "; ".join(problems) +
+                        f". Free now: {held}. Another job holds the rest (`ray status`, `ray list actors` show which); "
+                        "run again when it is done.")  # fmt: skip
+
+
 def check_columns(cfg: Any, specs: list) -> None:
     """Every dataset readable, with the columns its format needs; read in Ray tasks, reported before training."""
     from .data.formats import required_columns
@@ -145,6 +172,7 @@ def train(
     connect(address)
     clock.lap("ray start")
     check_placement(plan)
+    check_free(plan, cfg.ray_placement_wait_s)
     check_columns(cfg, specs.train + specs.eval)
 
     from .data.pipeline import prepare_data
@@ -280,6 +308,11 @@ def fit(cfg: Any, plan: RunPlan, data: Any, callbacks: list | None = None) -> An
 
 
 def _root_cause(error: BaseException) -> str:
+    """The first rank's own error, whole: Ray Train's message keeps only the tail of each traceback (long messages
+    lose their start there), but its WorkerGroupError holds every rank's exception."""
+    failures = getattr(error, "worker_failures", None)
+    if failures:
+        error = failures[min(failures)]
     while error.__cause__ is not None:
         error = error.__cause__
     text = str(error).strip().splitlines()

@@ -56,6 +56,13 @@ class RayArgs(BaseModel):
         ge=-1,
         source="loom",
     )
+    ray_placement_wait_s: float = param(
+        60.0,
+        "How long `loom train` waits for the cluster to have its worker bundles free (another job may hold them) "
+        "before it stops with what is missing, instead of waiting without end.",
+        source="loom",
+        ge=0,
+    )
     ray_upload_retries: int = param(
         3,
         "Retries of each checkpoint file upload to the storage path (waits 0.5 s, doubled each time); after the last, "

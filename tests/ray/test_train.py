@@ -126,6 +126,33 @@ def test_unplaceable_bundles_fail_fast(ray_cluster, train_config):
         run(train_config(ray_num_workers=10), ray_cluster)
 
 
+def test_a_cluster_whose_cpus_another_job_holds_fails_fast_with_what_is_missing(ray_cluster, train_config):
+    """The cluster could hold the run, but an actor of another job holds all 4 CPUs: without the check, Ray Data
+    and then Ray Train would wait for them without end."""
+    import time
+
+    import ray
+
+    @ray.remote(num_cpus=4)
+    class Hog:
+        def ready(self) -> bool:
+            return True
+
+    hog = Hog.remote()
+    ray.get(hog.ready.remote())
+    started = time.monotonic()
+    try:
+        with pytest.raises(PlanError) as refused:
+            run(train_config(ray_placement_wait_s=2), ray_cluster)
+    finally:
+        ray.kill(hog)
+    message = str(refused.value)
+    assert "could not be reserved within 2 s (ray_placement_wait_s)" in message, message
+    assert "no CPU is free to prepare the data" in message and "Free now:" in message, message
+    assert time.monotonic() - started < 30
+    assert not os.path.exists(train_config()["output_dir"])  # stopped before anything was written
+
+
 def test_plan_command_checks_placement_on_the_cluster(ray_cluster, train_config, tmp_path, capsys):
     import yaml
 

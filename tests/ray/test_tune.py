@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 
+import pytest
 import yaml
 
 from orchestrator.cli import main
@@ -89,3 +90,25 @@ def test_asha_grid_sweep_stops_the_weak_trial_keeps_the_best_and_restores_as_don
     # A changed sweep under the same name is refused rather than mixed into the old experiment.
     assert main(["tune", str(path), "max_steps=6", "--address", ray_cluster.gcs_address]) == 4
     assert "different base or search space" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # about 2 minutes here: 8 trials, 4 at a time, on 2 cores
+@pytest.mark.timeout(900)
+def test_eight_trials_four_at_a_time_finish_on_the_test_cluster_without_a_hang(
+    ray_cluster, train_config, tmp_path, capsys
+):
+    """Load: 4 trials of one half-CPU worker each run at once on the 4 logical CPUs of the session's cluster (2
+    cores), with the data prepared once before; every trial must finish, none may wait for CPUs that never free."""
+    base = train_config(ray_num_workers=1, resources_per_worker={"CPU": 0.5}, max_steps=3, save_steps=3,
+                        logging_steps=1, cutoff_len=64, max_samples=16)  # fmt: skip
+    rates = [10.0**-e for e in range(2, 10)]
+    sweep = {"base": base, "search_space": {"learning_rate": {"grid": rates}}, "metric": "loss", "mode": "min",
+             "search_alg": "grid", "scheduler": "fifo", "max_concurrent_trials": 4,
+             "storage_path": str(tmp_path / "sweeps")}  # fmt: skip
+    path = tmp_path / "load.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    assert main(["tune", str(path), "--address", ray_cluster.gcs_address]) == 0
+    out = capsys.readouterr().out
+    rows = table_rows(out)
+    assert sorted(rows) == sorted(rates), out
+    assert all(cells[3:5] == ["3", "finished"] for cells in rows.values()), out
