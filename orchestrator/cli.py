@@ -80,11 +80,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def run_train(config: str, overrides: list[str], address: str | None = None):
-    from .config import load_config
     from .launch import train
+    from .preflight import checked_config
 
     started = time.perf_counter()
-    cfg = load_config(config, overrides)
+    cfg = checked_config(config, overrides)
     outcome = train(cfg, source=config, address=address)
     print(outcome.plan.describe())
     print(f"data          {json.dumps(outcome.data_summary)}")
@@ -196,12 +196,12 @@ def cmd_features(_: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from .config import load_config
     from .data.preview import describe_example
     from .data.tokenizer import TokenizerSpec, load_tokenizer
     from .launch import prepare_only
+    from .preflight import checked_config
 
-    cfg = load_config(args.config, args.overrides, training=False)
+    cfg = checked_config(args.config, args.overrides, training=False)
     outcome = prepare_only(cfg, source=args.config, address=args.address)
     print(json.dumps(outcome.summary, indent=2))
     if outcome.example is not None:

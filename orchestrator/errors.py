@@ -27,9 +27,10 @@ class ConfigError(LoomError):
 
     exit_code = 2
 
-    def __init__(self, problems: list[Problem], source: str = "config"):
+    def __init__(self, problems: list[Problem], source: str = "config", partial: object | None = None):
         self.problems = list(problems)
         self.source = source
+        self.partial = partial  # the config built from the keys that were valid (for the file checks that follow)
         count = len(self.problems)
         lines = [f"{count} problem{'s' if count != 1 else ''} in {source}:"]
         lines += [f"  - {p}" for p in self.problems]

@@ -11,7 +11,7 @@ from typing import Any
 
 from .config.schema import without_secrets
 from .parallelism import describe_sharding, load_json_setting
-from .paths import LOCAL_PATH_KEYS, is_uri, resolve_path
+from .paths import LOCAL_PATH_KEYS, OUTPUT_PATH_KEYS, is_uri, resolve_path
 from .stages import STAGES
 
 RUN_MARKER = "loom_run.json"  # written by rank 0 into output_dir: status running/finished, read by the driver
@@ -280,7 +280,7 @@ def with_absolute_paths(cfg: Any, base_dir: str | None = None) -> Any:
         if not value or is_uri(value):
             continue
         candidate = resolve_path(value, base_dir)
-        if key in ("output_dir", "ray_storage_path", "cache_dir") or os.path.exists(candidate):
+        if key in OUTPUT_PATH_KEYS or os.path.exists(candidate):
             update[key] = candidate
     for key in ("deepspeed", "fsdp_config"):  # JSON files travel as their content: workers run elsewhere
         value = getattr(cfg, key)

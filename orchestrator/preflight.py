@@ -75,9 +75,8 @@ class DataSpecs:
     eval: list[DatasetSpec]
 
 
-def preflight_data(cfg: Any, source: str) -> DataSpecs:
-    """Training and evaluation dataset specs when everything checks out; otherwise one ConfigError with every
-    problem (datasets, evaluation datasets, tokenizer and template, module names)."""
+def file_problems(cfg: Any) -> tuple[DataSpecs, list[Problem]]:
+    """The datasets, evaluation datasets, model folder, tokenizer and template, and module names, checked."""
     specs, problems = data_problems(cfg)
     eval_specs: list[DatasetSpec] = []
     if cfg.eval_dataset:
@@ -85,10 +84,38 @@ def preflight_data(cfg: Any, source: str) -> DataSpecs:
             split_csv(cfg.eval_dataset), cfg.dataset_dir, key="eval_dataset", stage=cfg.stage, seed=cfg.seed
         )
         problems += eval_problems
-    problems += model_problems(cfg)
+    return DataSpecs(specs, eval_specs), problems + model_problems(cfg)
+
+
+def preflight_data(cfg: Any, source: str) -> DataSpecs:
+    """Training and evaluation dataset specs when everything checks out; otherwise one ConfigError with every
+    problem (datasets, evaluation datasets, tokenizer and template, module names)."""
+    specs, problems = file_problems(cfg)
     if problems:
         raise ConfigError(problems, source=source)
-    return DataSpecs(specs, eval_specs)
+    return specs
+
+
+# The keys the file checks read: when one of them is wrong, its default would be checked instead, so the file checks
+# wait for the next round.
+FILE_CHECK_KEYS = frozenset({"stage", "dataset", "dataset_dir", "eval_dataset", "model_name_or_path", "template",
+                             "trust_remote_code", "finetuning_type", "lora_target", "seed"})  # fmt: skip
+
+
+def checked_config(path: str | None, overrides: list[str] | None = None, training: bool = True) -> Any:
+    """The config, validated; when it has problems, the file checks run too (on the keys that were valid) so that
+    config, dataset and model problems are reported in one message."""
+    from .config import load_config
+    from .plan import with_absolute_paths
+
+    try:
+        return load_config(path, overrides, training=training)
+    except ConfigError as error:
+        if error.partial is None or FILE_CHECK_KEYS & set(error.keys):
+            raise
+        _, more = file_problems(with_absolute_paths(error.partial))
+        reported = set(error.keys)
+        raise ConfigError(error.problems + [p for p in more if p.key not in reported], source=error.source) from None
 
 
 def preflight(cfg: Any, source: str) -> list[DatasetSpec]:

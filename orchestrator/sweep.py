@@ -24,7 +24,7 @@ from .config.loader import dedupe, read_config_file, validate_config
 from .config.optimizers import OptimizerArgs
 from .config.schema import LoomConfig, without_secrets
 from .errors import ConfigError, Problem
-from .paths import LOCAL_PATH_KEYS, resolve_path
+from .paths import LOCAL_PATH_KEYS, is_safe_name, resolve_path
 from .suggest import did_you_mean
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -205,9 +205,11 @@ def validate_sweep(
     asha = _asha_arguments(args, [cfg for _, cfg in configs], problems) if configs else None
     if problems:
         raise ConfigError(dedupe(problems), source=source)
-    name = args.name or default_name or "loom-tune-" + _digest({"base": base, "space": known.get("search_space")})
-    if "/" in name or name in (".", ".."):
-        raise ConfigError([Problem("name", f"given {name!r}; a folder name without '/'")], source=source)
+    if args.name and not is_safe_name(args.name):
+        raise ConfigError([Problem("name", f"given {args.name!r}; a sweep name is one folder name under storage_path "
+                                           "(letters, digits and -_., not starting with a dot)")], source=source)  # fmt: skip
+    hashed = "loom-tune-" + _digest({"base": without_secrets(base), "space": known.get("search_space")})
+    name = args.name or (default_name if default_name and is_safe_name(default_name) else hashed)
     storage = args.storage_path or base.get("ray_storage_path") or LoomConfig.model_fields["ray_storage_path"].default
     return Sweep(
         source=source,

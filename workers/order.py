@@ -76,10 +76,18 @@ class ArrowRows:
 
 
 def _numpy(column: pa.ChunkedArray) -> np.ndarray:
-    values = column.to_numpy(zero_copy_only=False)
-    if values.dtype == object:  # list columns: writable int arrays, so torch.as_tensor needs no copy-on-write
-        out = np.empty(len(values), dtype=object)
-        for index, value in enumerate(values):  # one by one: equally long rows must not become a 2-D array
-            out[index] = np.array(value) if isinstance(value, np.ndarray) else value
-        return out
-    return values
+    """Chunk by chunk, so that Ray Data's tensor extension columns (what a numpy `map_batches` writes) convert
+    through their own `to_numpy` instead of as their storage structs."""
+    parts = [_rows(chunk.to_numpy(zero_copy_only=False)) for chunk in column.chunks]
+    if not parts:
+        return np.empty(0, dtype=object)
+    return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+
+def _rows(values: np.ndarray) -> np.ndarray:
+    if values.dtype != object and values.ndim == 1:
+        return values
+    out = np.empty(len(values), dtype=object)
+    for index, value in enumerate(values):  # one by one: equally long rows must not become a 2-D array
+        out[index] = np.array(value) if isinstance(value, np.ndarray) else value  # writable, for torch.as_tensor
+    return out

@@ -104,7 +104,7 @@ def validate_config(
     later = cross_field_problems(cfg, training) + support_problems(cfg)
     problems += [p for p in later if p.key not in bad_keys]
     if problems:
-        raise ConfigError(dedupe(problems), source=source)
+        raise ConfigError(dedupe(problems), source=source, partial=cfg)
     return cfg
 
 

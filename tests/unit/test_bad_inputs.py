@@ -123,6 +123,11 @@ CASES = [
         ("lora_rnak", "stage", "cutoff_len", "learning_rate", "template"),
         config={"lora_rnak": 8, "stage": "sfft", "cutoff_len": -5, "learning_rate": "fast", "template": "defualt"},
     ),  # fmt: skip
+    Bad(
+        "config, dataset and model mistakes in one message",
+        ("3 problems", "lora_rnak", "loom_demo_sfx", "q_projj"),
+        config={"lora_rnak": 8, "dataset": "loom_demo_sfx", "lora_target": "q_projj"},
+    ),  # fmt: skip
     # the command line
     Bad("override without =", ("learning_rate",), args=("learning_rate",)),
     Bad("override of an unknown key", ("lora_rnak", "did you mean 'lora_rank'"), args=("lora_rnak=8",)),

@@ -71,6 +71,22 @@ def test_rows_come_as_ray_data_s_numpy_batches_with_writable_arrays():
     assert len(split) == 6 and split.take(np.array([5]))["input_ids"][0].tolist() == [5, 6]
 
 
+def test_ray_data_tensor_columns_come_as_rows_not_as_their_storage():
+    """A numpy `map_batches` (the precomputed reference pass) stores list columns as Ray's tensor extension types,
+    whose storage is a struct of data and shape: the rows must come out as arrays all the same."""
+    import pyarrow as pa
+    from ray.data._internal.tensor_extensions.arrow import ArrowTensorArray
+
+    varying = np.empty(3, dtype=object)
+    varying[:] = [np.arange(2), np.arange(3), np.arange(1)]
+    table = pa.table({"input_ids": ArrowTensorArray.from_numpy(varying),
+                      "fixed": ArrowTensorArray.from_numpy(np.arange(6).reshape(3, 2)), "ref": [0.5, 1.5, 2.5]})  # fmt: skip
+    batch = ArrowRows([table.slice(0, 1), table.slice(1)]).take(np.array([2, 1]))
+    assert [a.tolist() for a in batch["input_ids"]] == [[0], [0, 1, 2]]
+    assert batch["fixed"].shape == (2,) and [a.tolist() for a in batch["fixed"]] == [[4, 5], [2, 3]]
+    assert batch["ref"].tolist() == [2.5, 1.5]
+
+
 def test_small_sets_over_many_ranks_still_give_every_rank_rows():
     for rows, world in itertools.product((4, 5, 7), (2, 4)):
         epoch = steps(rows, world, 1, 1)

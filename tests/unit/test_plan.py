@@ -98,8 +98,10 @@ def test_schedule_arithmetic(cfg_of):
 
 def test_absolute_paths_leave_hub_ids(cfg_of, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cfg = with_absolute_paths(cfg_of(ray_storage_path="runs", output_dir="out"), str(tmp_path))
+    cfg = with_absolute_paths(cfg_of(ray_storage_path="runs", output_dir="out", tokenized_path="cache/tok"),
+                              str(tmp_path))  # fmt: skip
     assert cfg.ray_storage_path == str(tmp_path / "runs") and cfg.output_dir == str(tmp_path / "out")
+    assert cfg.tokenized_path == str(tmp_path / "cache" / "tok")  # written by Ray tasks, whose cwd differs
     hub = cfg.model_copy(update={"model_name_or_path": "org/model"})
     assert with_absolute_paths(hub, str(tmp_path)).model_name_or_path == "org/model"
 

@@ -164,6 +164,16 @@ def test_trials_share_the_driver_prepared_data_only_when_no_data_key_is_searched
     assert not validate_sweep(sweep({"seed": {"grid": [1, 2]}})).shares_data()  # the shuffle follows the seed
 
 
+def test_a_sweep_name_is_one_safe_folder_name_and_a_token_does_not_change_the_default():
+    for bad in ("../up", "a/b", ".hidden"):
+        with pytest.raises(ConfigError, match="a sweep name is one folder name"):
+            validate_sweep(sweep(name=bad))
+    assert validate_sweep(sweep(), default_name="my sweep").name.startswith("loom-tune-")  # the file stem is unsafe
+    plain, with_token = sweep(), sweep()
+    with_token["base"] = {**with_token["base"], "hf_hub_token": "hf_rotated"}
+    assert validate_sweep(plain).name == validate_sweep(with_token).name
+
+
 def test_table_and_best():
     s = validate_sweep(sweep(name="lr"))
     rows = [
