@@ -113,7 +113,9 @@ def checked_config(path: str | None, overrides: list[str] | None = None, trainin
     except ConfigError as error:
         if error.partial is None or FILE_CHECK_KEYS & set(error.keys):
             raise
-        _, more = file_problems(with_absolute_paths(error.partial))
+        fields = type(error.partial).model_fields
+        defaults = {key: fields[key].default for key in error.keys if key in fields}  # the wrong values left out
+        _, more = file_problems(with_absolute_paths(error.partial.model_copy(update=defaults)))
         reported = set(error.keys)
         raise ConfigError(error.problems + [p for p in more if p.key not in reported], source=error.source) from None
 
