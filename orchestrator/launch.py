@@ -114,18 +114,20 @@ def check_free(plan: RunPlan, wait_s: float) -> None:
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
+    # A task of one CPU, not a look at available_resources(): that view lags (it read empty right after a
+    # placement group's removal in CI), the scheduler does not.
+    probe = ray.remote(num_cpus=1)(_cpu_probe).remote()
+    data_cpu, _ = ray.wait([probe], timeout=wait_s)
+    if not data_cpu:
+        ray.cancel(probe, force=True)
     count = plan.min_workers or plan.num_workers
     group = placement_group([dict(plan.resources_per_worker)] * count, strategy=plan.placement_strategy)
     try:
         reserved = group.wait(timeout_seconds=wait_s)
     finally:
         remove_placement_group(group)
-    # A task of one CPU, not a look at available_resources(): that view lags (it read empty right after the
-    # group's removal in CI), the scheduler does not.
-    probe = ray.remote(num_cpus=1)(_cpu_probe).remote()
-    data_cpu, _ = ray.wait([probe], timeout=wait_s)
-    if not data_cpu:
-        ray.cancel(probe, force=True)
+    if reserved:  # an elastic run sizes itself by the free resources: let the view count the probe's back first
+        _wait_until_free({k: v * count for k, v in plan.resources_per_worker.items()}, timeout_s=10)
     problems = []
     if not reserved:
         problems.append(f"{count} bundle{'s' if count != 1 else ''} of {plan.resources_per_worker} (ray_num_workers x "
@@ -142,6 +144,17 @@ def check_free(plan: RunPlan, wait_s: float) -> None:
 
 def _cpu_probe() -> bool:
     return True
+
+
+def _wait_until_free(wanted: dict[str, float], timeout_s: float) -> None:
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        free = ray.available_resources()
+        if all(free.get(name, 0.0) >= amount for name, amount in wanted.items()):
+            return
+        time.sleep(0.1)
 
 
 def check_columns(cfg: Any, specs: list) -> None:

@@ -27,7 +27,7 @@ from tests.conftest import VENV_BIN
 from tests.flaky_fs import CHAOS_FAIL_ENV, CHAOS_SLOW_ENV, FLAKY_LOG_ENV
 from tests.helpers import REPO
 from tests.ray.test_cli_runs import committed_step, final_weights, start_slow_run, steps_logged, write_yaml
-from tests.ray.test_multinode import WORKER, AddedNode, add_node, ranks_on
+from tests.ray.test_multinode import WORKER, AddedNode, add_node, ranks_on, settled
 from workers.checkpoint import verify_checkpoint
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -106,8 +106,11 @@ def chaos_nodes(ray_cluster):
             added[name] = add_node(ray_cluster.gcs_address, name, WORKER)
         yield added
     finally:
+        import ray
+
         for node in added.values():
             node.stop()
+        settled(lambda: not ray.cluster_resources().get("loom_worker"))  # the next module starts from a clean view
 
 
 def test_a_run_through_seven_faults_ends_on_the_uninterrupted_run_s_weights(

@@ -128,13 +128,25 @@ def add_node(gcs_address: str, name: str, resources: dict[str, float]) -> AddedN
     return AddedNode(name, node_id, raylet[0], _log_monitors(gcs_address) - monitors)
 
 
+def settled(condition, timeout_s: float = 90) -> None:
+    """Until Ray's resource view agrees (nodes removed by an earlier module leave it with a delay): an elastic run
+    sizes itself by that view."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "the cluster's resource view did not settle"
+        time.sleep(0.5)
+
+
 @pytest.fixture(scope="module")
 def nodes(ray_cluster) -> dict[str, AddedNode]:
+    import ray
+
     added: dict[str, AddedNode] = {}
     try:
         added["big"] = add_node(ray_cluster.gcs_address, "big", {"loom_worker": 2})
         added["small"] = add_node(ray_cluster.gcs_address, "small", {"loom_worker": 1})
         added["spare"] = add_node(ray_cluster.gcs_address, "spare", {"loom_worker": 1})
+        settled(lambda: ray.cluster_resources().get("loom_worker") == ray.available_resources().get("loom_worker") == 4)
         yield added
     finally:
         for node in added.values():
