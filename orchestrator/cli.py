@@ -8,8 +8,9 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from .errors import LoomError
+from .errors import ConfigError, LoomError, Problem
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART_CONFIG = REPO_ROOT / "configs" / "quickstart.yaml"
@@ -19,6 +20,14 @@ QUICKSTART_PROMPT = "Convert 3 hours to minutes."
 def _config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="YAML or JSON config with LLaMA-Factory parameter names")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. learning_rate=1e-4")
+
+
+def _model_dir_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model-dir",
+        help="a run's output_dir, a checkpoint-NNNNNN folder of a run, or a model or "
+        "adapter folder (default: adapter_name_or_path, else a training config's output_dir)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,10 +46,20 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("out_dir")
     quick = commands.add_parser("quickstart", help="build a tiny model, train it with LoRA on 2 Ray workers, sample")
     quick.add_argument("--config", default=str(QUICKSTART_CONFIG))
-    gen = commands.add_parser("generate", help="generate from a trained output_dir with the config's template")
+    gen = commands.add_parser(
+        "generate", help="one reply to one prompt, with the config's template and generation keys"
+    )
     _config_args(gen)
     gen.add_argument("--prompt", required=True)
-    gen.add_argument("--model-dir", help="default: the plan's output_dir")
+    _model_dir_arg(gen)
+    chat = commands.add_parser("chat", help="a multi-turn chat in the terminal, streaming each answer")
+    _config_args(chat)
+    _model_dir_arg(chat)
+    chat.add_argument("--system", help="system prompt (default: default_system, else the template's own)")
+    chat.add_argument("--tools", help="JSON file with a list of function schemas the model may call")
+    api = commands.add_parser("api", help="an OpenAI-compatible HTTP server (API_HOST, API_PORT, API_KEY, ...)")
+    _config_args(api)
+    _model_dir_arg(api)
     data = commands.add_parser("data", help="prepare (and cache) the datasets without training; print a summary")
     _config_args(data)
     data.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
@@ -105,7 +124,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
-    from .generate import generate
+    from inference.commands import answer
+
     from .tiny import ensure_tiny_model
 
     started = time.perf_counter()
@@ -117,7 +137,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     ensure_tiny_model(model_dir)
     print(f"tiny model    {os.path.abspath(model_dir)} ({time.perf_counter() - started:.1f} s)")
     cfg, outcome = run_train(args.config, ["overwrite_output_dir=true"])
-    sample = generate(cfg, outcome.output_dir, QUICKSTART_PROMPT, seed=cfg.seed)
+    sample = answer(cfg, outcome.output_dir, QUICKSTART_PROMPT)
     print(f"sample        {QUICKSTART_PROMPT!r} -> {sample!r}")
     print(f"quickstart done in {time.perf_counter() - started:.1f} s")
     return 0
@@ -171,13 +191,54 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
+def _inference_config(args: argparse.Namespace) -> Any:
     from .config import load_config
-    from .generate import generate
-    from .plan import make_plan
 
-    cfg = load_config(args.config, args.overrides)
-    print(generate(cfg, args.model_dir or make_plan(cfg).output_dir, args.prompt, seed=cfg.seed))
+    return load_config(args.config, args.overrides, purpose="infer")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from inference.commands import answer
+
+    print(answer(_inference_config(args), args.model_dir, args.prompt))
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from inference.chat import chat_loop
+    from inference.commands import open_engine
+    from inference.engine import Sampling
+
+    cfg = _inference_config(args)
+    tools = _read_tools(args.tools) if args.tools else None
+    engine = open_engine(cfg, args.model_dir, args.config)
+    print(f"loom chat: {engine.source.describe()} (template {engine.template.name})")
+    chat_loop(engine, Sampling.from_config(cfg), system=args.system, tools=tools)
+    return 0
+
+
+def _read_tools(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            tools = json.load(handle)
+    except (OSError, json.JSONDecodeError) as error:
+        raise ConfigError([Problem("--tools", f"cannot read a JSON list of tools from {path!r}: {error}")]) from None
+    if not isinstance(tools, list):
+        raise ConfigError([Problem("--tools", f"{path!r} holds a {type(tools).__name__}, not a list of tools")])
+    return json.dumps(tools, ensure_ascii=False)
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    from inference.api import ApiSettings, serve_api
+    from inference.commands import open_engine
+    from inference.engine import Sampling
+
+    cfg = _inference_config(args)
+    settings = ApiSettings.from_env()
+    engine = open_engine(cfg, args.model_dir, args.config)
+    where = f"http://{settings.host}:{settings.port}{settings.root_path}/v1"
+    print(f"loom api: {engine.source.describe()} on {where}" + ("" if settings.key else " (no API_KEY: open to all)"))
+    serve_api(engine, settings, Sampling.from_config(cfg))
     return 0
 
 
@@ -201,7 +262,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     from .launch import prepare_only
     from .preflight import checked_config
 
-    cfg = checked_config(args.config, args.overrides, training=False)
+    cfg = checked_config(args.config, args.overrides, purpose="data")
     outcome = prepare_only(cfg, source=args.config, address=args.address)
     print(json.dumps(outcome.summary, indent=2))
     if outcome.example is not None:
@@ -216,6 +277,8 @@ COMMANDS = {
     "pipeline": cmd_pipeline,
     "quickstart": cmd_quickstart,
     "generate": cmd_generate,
+    "chat": cmd_chat,
+    "api": cmd_api,
     "tiny-model": cmd_tiny_model,
     "features": cmd_features,
     "data": cmd_data,

@@ -102,14 +102,14 @@ FILE_CHECK_KEYS = frozenset({"stage", "dataset", "dataset_dir", "eval_dataset", 
                              "trust_remote_code", "finetuning_type", "lora_target", "seed"})  # fmt: skip
 
 
-def checked_config(path: str | None, overrides: list[str] | None = None, training: bool = True) -> Any:
+def checked_config(path: str | None, overrides: list[str] | None = None, purpose: str = "train") -> Any:
     """The config, validated; when it has problems, the file checks run too (on the keys that were valid) so that
     config, dataset and model problems are reported in one message."""
     from .config import load_config
     from .plan import with_absolute_paths
 
     try:
-        return load_config(path, overrides, training=training)
+        return load_config(path, overrides, purpose=purpose)
     except ConfigError as error:
         if error.partial is None or FILE_CHECK_KEYS & set(error.keys):
             raise

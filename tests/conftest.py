@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,51 @@ def tiny_model(tmp_path_factory) -> str:
     from orchestrator.tiny import build_tiny_model
 
     return build_tiny_model(str(tmp_path_factory.mktemp("tiny") / "tiny-llama"))
+
+
+@dataclass(frozen=True)
+class TrainedRun:
+    config: dict  # the raw config it was trained with
+    output_dir: str
+    run_dir: str  # <ray_storage_path>/<ray_run_name>: its checkpoint-NNNNNN folders
+    data_summary: dict
+
+
+def _train_once(ray_cluster: RayCluster, raw: dict) -> TrainedRun:
+    from orchestrator.config import validate_config
+    from orchestrator.launch import train
+
+    outcome = train(validate_config(raw), source="test", address=ray_cluster.gcs_address)
+    return TrainedRun(raw, outcome.output_dir, outcome.plan.run_dir, outcome.data_summary)
+
+
+def _small_run(tiny_model: str, folder: Path, **extra) -> dict:
+    from tests.helpers import DEMO_DATA
+
+    return {"model_name_or_path": tiny_model, "dataset_dir": str(DEMO_DATA), "template": "default",
+            "cutoff_len": 128, "output_dir": str(folder / "out"), "ray_storage_path": str(folder / "saves"),
+            "ray_run_name": "run", "ray_num_workers": 2, "resources_per_worker": {"CPU": 1},
+            "per_device_train_batch_size": 4, "logging_steps": 1, "learning_rate": 5e-3,
+            "lr_scheduler_type": "constant", "finetuning_type": "lora", "lora_rank": 8, **extra}  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def trained_sft(ray_cluster, tiny_model, tmp_path_factory) -> TrainedRun:
+    """One LoRA sft run of the tiny model, trained once for every test that only needs a trained model (chat, api,
+    serve, predict, export): 12 steps on the demo set, a checkpoint every 6."""
+    raw = _small_run(tiny_model, tmp_path_factory.mktemp("trained-sft"), dataset="loom_demo_sft", max_samples=128,
+                     max_steps=12, save_steps=6, do_sample=False, max_new_tokens=16)  # fmt: skip
+    return _train_once(ray_cluster, raw)
+
+
+@pytest.fixture(scope="session")
+def trained_reward_model(ray_cluster, tiny_model, tmp_path_factory) -> TrainedRun:
+    """One LoRA rm run on the demo preference set (the preferred answer ends with " Thanks.", the other with
+    " Whatever."), with held-out pairs evaluated: trained once, scored by the rm test and by the API's scoring."""
+    raw = _small_run(tiny_model, tmp_path_factory.mktemp("trained-rm"), stage="rm", dataset="loom_demo_pref",
+                     cutoff_len=96, max_samples=160, val_size=32, do_eval=True, eval_strategy="steps", eval_steps=8,
+                     max_steps=8, save_steps=4)  # fmt: skip
+    return _train_once(ray_cluster, raw)
 
 
 def with_venv_path(env) -> dict[str, str]:

@@ -119,3 +119,13 @@ def left_pad(rows: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Te
         ids[index, width - len(row) :] = torch.as_tensor(row, dtype=torch.long)
         mask[index, width - len(row) :] = 1
     return ids, mask
+
+
+def trim_response(tokens: list[int], stop_ids: set[int], pad_id: int) -> list[int]:
+    """Generated tokens up to and including the first stop token (padding after it dropped)."""
+    for index, token in enumerate(tokens):
+        if token in stop_ids:
+            return tokens[: index + 1]
+    while tokens and tokens[-1] == pad_id:
+        tokens = tokens[:-1]
+    return tokens

@@ -290,8 +290,6 @@ def _paths(cfg: LoomConfig) -> list[Problem]:
     if is_uri(cfg.ray_storage_path) and not cfg.output_dir:
         p.append(Problem("output_dir", f"is required when ray_storage_path is a URI ({cfg.ray_storage_path!r}): "
                                        "the final model is written as files on rank 0's node"))  # fmt: skip
-    if cfg.do_train and not cfg.dataset_names():
-        p.append(Problem("dataset", "is required for training (names from dataset_info.json or file names)"))
     return p
 
 
@@ -347,11 +345,22 @@ CHECKS: tuple[Callable[[LoomConfig], list[Problem]], ...] = (
 )
 
 
-def cross_field_problems(cfg: LoomConfig, training: bool = True) -> list[Problem]:
-    """Every cross-field problem; `training=False` (loom data) skips what only training needs (a built stage,
-    ppo's reward model)."""
-    checks = CHECKS + (_stage_built, _ppo) if training else CHECKS
-    return [problem for check in checks for problem in check(cfg)]
+def _datasets_named(cfg: LoomConfig) -> list[Problem]:
+    if cfg.do_train and not cfg.dataset_names():
+        return [Problem("dataset", "is required for training (names from dataset_info.json or file names)")]
+    return []
+
+
+PURPOSES = {  # what a config is validated for: the checks beyond CHECKS that each use needs
+    "train": (_datasets_named, _stage_built, _ppo),
+    "data": (_datasets_named,),  # loom data: prepares any stage's data, trainable or not yet
+    "infer": (),  # chat, api, serve, export: a model and a template, no training data
+}
+
+
+def cross_field_problems(cfg: LoomConfig, purpose: str = "train") -> list[Problem]:
+    """Every cross-field problem of a config used for `purpose` (a key of PURPOSES)."""
+    return [problem for check in CHECKS + PURPOSES[purpose] for problem in check(cfg)]
 
 
 def support_problems(cfg: LoomConfig) -> list[Problem]:

@@ -68,19 +68,20 @@ def _scalar(raw: str) -> Any:
     return value
 
 
-def load_config(path: str | None, overrides: list[str] | None = None, training: bool = True) -> LoomConfig:
+def load_config(path: str | None, overrides: list[str] | None = None, purpose: str = "train") -> LoomConfig:
     raw = read_config_file(path) if path else {}
     extra, problems = parse_overrides(overrides or [])
     raw.update(extra)
-    return validate_config(raw, source=path or "command line", problems=problems, training=training)
+    return validate_config(raw, source=path or "command line", problems=problems, purpose=purpose)
 
 
 def validate_config(
-    raw: dict[str, Any], source: str = "config", problems: list[Problem] | None = None, training: bool = True
+    raw: dict[str, Any], source: str = "config", problems: list[Problem] | None = None, purpose: str = "train"
 ) -> LoomConfig:
     """A LoomConfig, or one ConfigError listing every unknown key, bad value and contradiction.
 
-    `training=False` validates for data preparation only (loom data), which also serves stages not trainable yet.
+    `purpose` (checks.PURPOSES): `train`; `data` (loom data: any stage's data, trainable or not); `infer` (chat, api,
+    serve, export: no training data needed).
     """
     problems = list(problems or [])
     fields = LoomConfig.model_fields
@@ -101,7 +102,7 @@ def validate_config(
             bad_keys.add(key)
             problems.append(Problem(key, _value_message(key, known.get(key), item)))
     cfg = LoomConfig.model_validate({k: v for k, v in known.items() if k not in bad_keys})
-    later = cross_field_problems(cfg, training) + support_problems(cfg)
+    later = cross_field_problems(cfg, purpose) + support_problems(cfg)
     problems += [p for p in later if p.key not in bad_keys]
     if problems:
         raise ConfigError(dedupe(problems), source=source, partial=cfg)

@@ -49,8 +49,10 @@ class ModelArgs(BaseModel):
     upcast_layernorm: bool = param(False, "Keep layernorm weights in fp32.")
     upcast_lmhead_output: bool = param(False, "Cast the lm_head output to fp32.")
     train_from_scratch: bool = param(False, "Initialise the model weights randomly instead of loading them.")
-    infer_backend: Literal["huggingface", "vllm"] = not_yet(
-        "huggingface", "Inference engine: huggingface or vllm.", reason="vLLM inference is not built yet"
+    infer_backend: Literal["huggingface", "vllm"] = param(
+        "huggingface",
+        "Inference engine of chat, api, serve and predict: huggingface (transformers generate) or "
+        "vllm (CUDA only: refused at the driver on a machine without it).",
     )
     offload_folder: str = not_yet(
         "offload", "Directory where model weights are offloaded.", reason="weight offloading is not wired yet"

@@ -34,7 +34,7 @@ def data_dir(tmp_path):
 def config(tiny_model, data_dir, **extra):
     raw = {"model_name_or_path": tiny_model, "dataset": "big.jsonl,small.jsonl", "dataset_dir": str(data_dir),
            "template": "default", "cutoff_len": 64, "resources_per_worker": {"CPU": 1}}  # fmt: skip
-    return validate_config({**raw, **extra}, training=False)
+    return validate_config({**raw, **extra}, purpose="data")
 
 
 def prepare(ray_cluster, cfg):
@@ -115,7 +115,7 @@ def test_a_million_rows_stream_through_with_flat_driver_memory(ray_cluster, tiny
     cfg = validate_config({"model_name_or_path": tiny_model, "stage": "pt", "dataset": "big.txt",
                            "dataset_dir": str(folder), "cutoff_len": 1024, "streaming": True, "max_steps": 10,
                            "preprocessing_batch_size": 20000, "resources_per_worker": {"CPU": 1}},
-                          training=False)  # fmt: skip
+                          purpose="data")  # fmt: skip
     from orchestrator.data.pipeline import stream_summary
     from orchestrator.preflight import preflight_data
 
@@ -149,7 +149,7 @@ def test_a_million_rows_stream_through_with_flat_driver_memory(ray_cluster, tiny
 def test_preference_data_prepares_through_ray(ray_cluster, tiny_model, stage, dataset, columns):
     cfg = validate_config({"model_name_or_path": tiny_model, "stage": stage, "dataset": dataset, "max_samples": 40,
                            "dataset_dir": str(LLAMAFACTORY_DATA), "template": "default", "cutoff_len": 128,
-                           "resources_per_worker": {"CPU": 1}}, training=False)  # fmt: skip
+                           "resources_per_worker": {"CPU": 1}}, purpose="data")  # fmt: skip
     outcome = prepare(ray_cluster, cfg)
     assert outcome.summary["train_examples"] == 40 and outcome.summary["rows_dropped"] == 0
     assert columns <= set(outcome.example)

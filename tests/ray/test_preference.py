@@ -40,17 +40,18 @@ def score_without_loom(base: str, adapter: str, texts: list[str]) -> torch.Tenso
     return torch.stack(scores)
 
 
-def test_rm_lora_scores_held_out_chosen_above_rejected(ray_cluster, preference_config, tiny_model):
-    outcome = run(preference_config(stage="rm"), ray_cluster)
-    records = logged(outcome.output_dir)
+def test_rm_lora_scores_held_out_chosen_above_rejected(trained_reward_model, tiny_model):
+    """The session's reward model (tests/conftest.py: 8 steps, 32 held-out pairs evaluated every 8)."""
+    output_dir, run_dir = trained_reward_model.output_dir, trained_reward_model.run_dir
+    records = logged(output_dir)
     final = records[-1]
     assert final["eval_accuracy"] >= 0.9 and final["eval_scores/chosen"] > final["eval_scores/rejected"], final
-    assert outcome.data_summary["eval_examples"] == 32  # held-out pairs, never trained on
-    assert_checkpoint_layout(outcome.plan.run_dir, [4, 8])
-    assert os.path.isfile(os.path.join(outcome.plan.run_dir, "checkpoint-000008", "model", "value_head.safetensors"))
-    assert {"adapter_model.safetensors", "value_head.safetensors"} <= set(os.listdir(outcome.output_dir))
+    assert trained_reward_model.data_summary["eval_examples"] == 32  # held-out pairs, never trained on
+    assert_checkpoint_layout(run_dir, [4, 8])
+    assert os.path.isfile(os.path.join(run_dir, "checkpoint-000008", "model", "value_head.safetensors"))
+    assert {"adapter_model.safetensors", "value_head.safetensors"} <= set(os.listdir(output_dir))
     prompt = "Human: Add 12 and 30.\nAssistant:"
-    chosen, rejected = score_without_loom(tiny_model, outcome.output_dir,
+    chosen, rejected = score_without_loom(tiny_model, output_dir,
                                           [f"{prompt}12 + 30 = 42. Thanks.", f"{prompt}12 + 30 = 42. Whatever."])  # fmt: skip
     assert chosen > rejected
 

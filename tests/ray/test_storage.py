@@ -50,7 +50,7 @@ def test_tokenized_cache_on_s3(ray_cluster, tiny_model, s3, tmp_path):
     cfg = validate_config({"model_name_or_path": tiny_model, "dataset": "loom_demo_sft", "dataset_dir": str(DEMO_DATA),
                            "template": "default", "cutoff_len": 64, "resources_per_worker": {"CPU": 1},
                            "tokenized_path": f"s3://{BUCKET}/tokenized?endpoint_override={host}&scheme=http"},
-                          training=False)  # fmt: skip
+                          purpose="data")  # fmt: skip
     first = prepare_only(cfg, source="test", address=ray_cluster.gcs_address)
     assert first.summary["cache"].startswith("wrote")
     stored = keys(client, "tokenized/")

@@ -182,7 +182,7 @@ def test_every_registered_stage_trains_and_data_preparation_needs_no_reward(mode
     raw = base(model_dir, stage="ppo")
     with pytest.raises(ConfigError, match="ppo needs a reward model"):
         validate_config(raw)
-    assert validate_config(raw, training=False).stage == "ppo"  # `loom data` prepares the prompts without one
+    assert validate_config(raw, purpose="data").stage == "ppo"  # `loom data` prepares the prompts without one
 
 
 def test_an_empty_config_file_is_named_as_empty(tmp_path):

@@ -107,13 +107,13 @@ def test_foreign_output_dir_is_not_touched(tiny_model, tmp_path):
 
 
 def test_generate_uses_template_and_generation_keys(tiny_model):
-    from orchestrator.generate import generate
+    from inference.commands import answer
 
     cfg = tiny_config(tiny_model, do_sample=False, max_new_tokens=6, max_length=4096)
-    text = generate(cfg, tiny_model, "Add 12 and 35.")
-    assert isinstance(text, str) and text == generate(cfg, tiny_model, "Add 12 and 35.")  # greedy: deterministic
+    text = answer(cfg, tiny_model, "Add 12 and 35.")
+    assert isinstance(text, str) and text == answer(cfg, tiny_model, "Add 12 and 35.")  # greedy: deterministic
     capped = cfg.model_copy(update={"max_length": 12})  # prompt "Human: ...\nAssistant:" alone is longer than 11
-    short = generate(capped, tiny_model, "Add 12 and 35.")
+    short = answer(capped, tiny_model, "Add 12 and 35.")
     from transformers import AutoTokenizer
 
     assert len(AutoTokenizer.from_pretrained(tiny_model).encode(short, add_special_tokens=False)) <= 1

@@ -16,9 +16,11 @@ from typing import Any
 
 import torch
 
-from orchestrator.generate import generation_kwargs
+from inference.engine import Sampling, generate_kwargs
+from orchestrator.data.templates import get_template, stop_token_ids
+from orchestrator.data.tokenizer import template_name
 
-from ..collate import left_pad, pad_experience
+from ..collate import left_pad, pad_experience, trim_response
 from ..losses import (
     AdaptiveKLController,
     RunningMoments,
@@ -50,16 +52,6 @@ def response_slice(batch: dict[str, torch.Tensor], per_position: torch.Tensor) -
 def response_ids(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     width = int(batch["prompt_width"])
     return batch["input_ids"][:, width:]
-
-
-def trim_response(tokens: list[int], stop_ids: set[int], pad_id: int) -> list[int]:
-    """Generated tokens up to and including the first stop token (padding after it dropped)."""
-    for index, token in enumerate(tokens):
-        if token in stop_ids:
-            return tokens[: index + 1]
-    while tokens and tokens[-1] == pad_id:
-        tokens = tokens[:-1]
-    return tokens
 
 
 class Stage(BaseStage):
@@ -118,13 +110,16 @@ class Stage(BaseStage):
 
     def _generate(self, prompts: list[list[int]]) -> list[list[int]]:
         ids, mask = left_pad(prompts, self.tokenizer.pad_token_id)
-        kwargs = generation_kwargs(self.cfg, self.tokenizer, ids.shape[1])
-        stop_ids = set(kwargs["eos_token_id"])
+        stop_ids = stop_token_ids(self.tokenizer, get_template(template_name(self.cfg)))
+        kwargs = generate_kwargs(Sampling.from_config(self.cfg), ids.shape[1], stop_ids, self.tokenizer,
+                                 self.cfg.use_cache)  # fmt: skip
         with self.strategy.generating() as extra:
             out = self.strategy.module.body.generate(
                 input_ids=ids.to(self.ctx.device), attention_mask=mask.to(self.ctx.device), **kwargs, **extra
             )
-        return [trim_response(row.tolist(), stop_ids, self.tokenizer.pad_token_id) for row in out[:, ids.shape[1] :]]
+        return [
+            trim_response(row.tolist(), set(stop_ids), self.tokenizer.pad_token_id) for row in out[:, ids.shape[1] :]
+        ]
 
     @torch.no_grad()
     def _score(self, prompts: list[list[int]], responses: list[list[int]]) -> dict[str, torch.Tensor]:

@@ -1,0 +1,52 @@
+"""The driver side of the inference commands: check what is asked, then open the engine once.
+
+Every problem (config keys, the model folder, the backend on this machine) is reported together before any weight
+loads, as for training.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from orchestrator.errors import ConfigError
+
+from .engine import Conversation, Engine, Sampling, load_engine
+from .source import ModelSource, default_model_dir, model_source
+from .vllm_engine import backend_problems
+
+
+def resolve_source(cfg: Any, model_dir: str | None) -> ModelSource:
+    """What to load: `model_dir` when given; else a training config's finished output_dir; else the config's model
+    and adapters."""
+    if model_dir is None:
+        from orchestrator.plan import make_plan
+
+        model_dir = default_model_dir(cfg, make_plan(cfg).output_dir)
+    return model_source(cfg, os.path.abspath(model_dir) if model_dir else None)
+
+
+def open_engine(cfg: Any, model_dir: str | None = None, source_name: str = "config") -> Engine:
+    from orchestrator.preflight import model_problems
+
+    problems = backend_problems(cfg) + model_problems(cfg)
+    if problems:
+        raise ConfigError(problems, source=source_name)
+    source = resolve_source(cfg, model_dir)
+    quiet_transformers()
+    return load_engine(cfg, source)
+
+
+def quiet_transformers() -> None:
+    """transformers' weight-loading progress bars are not Loom's lines (LOOM_VERBOSITY brings them back)."""
+    from transformers.utils import logging as hf_logging
+
+    if os.environ.get("LOOM_VERBOSITY", "").lower() not in ("debug", "info"):
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+
+
+def answer(cfg: Any, model_dir: str | None, prompt: str) -> str:
+    """One reply to one user message (loom generate, the quickstart's sample)."""
+    engine = open_engine(cfg, model_dir)
+    return engine.chat(Conversation([{"role": "user", "content": prompt}]), Sampling.from_config(cfg))[0].text

@@ -1,0 +1,248 @@
+"""Using what was trained: the engine, `loom chat` through a terminal, and `loom api` through the real `openai` client,
+all on the session's trained LoRA model (tests/conftest.py: trained_sft) and reward model (trained_reward_model)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import yaml
+
+from inference.api import ApiSettings, build_app
+from inference.commands import open_engine
+from inference.engine import Conversation, EngineBase, Sampling, finished_reply
+from orchestrator.config import validate_config
+from tests.http_app import serving
+from tests.terminal import Terminal
+
+PROMPT = "Convert 3 hours to minutes."
+KEY = "sk-loom-test"
+
+
+def infer_config(raw: dict, **extra):
+    return validate_config({**raw, **extra}, purpose="infer")
+
+
+@pytest.fixture(scope="module")
+def engine(trained_sft):
+    return open_engine(infer_config(trained_sft.config), trained_sft.output_dir)
+
+
+def ask(text: str = PROMPT) -> Conversation:
+    return Conversation([{"role": "user", "content": text}])
+
+
+def test_the_engine_answers_with_the_trained_adapter_and_streams_the_same_text(engine, trained_sft, tiny_model):
+    greedy = Sampling.from_config(engine.cfg)
+    reply = engine.chat(ask(), greedy)[0]
+    assert reply.text and reply.completion_tokens > 0 and reply.finish_reason in ("stop", "length")
+    assert "".join(engine.stream(ask(), greedy)) == reply.text  # streaming shows exactly the reply
+    base = open_engine(infer_config(trained_sft.config, model_name_or_path=tiny_model), tiny_model)
+    assert base.source.adapters == () and engine.source.adapters == (trained_sft.output_dir,)
+    assert base.chat(ask(), greedy)[0].text != reply.text  # the adapter changed the answer
+    first_word = reply.text.split()[0]
+    cut = engine.chat(ask(), greedy.updated(stop=[first_word]))[0]
+    assert first_word not in cut.text and cut.finish_reason == "stop"
+    two = engine.generate([engine.encode(ask()), engine.encode(ask("What is Loom?"))], greedy.updated(n=2))
+    assert [r.text for r in two[:2]] == [reply.text, reply.text]  # greedy: n copies; batched rows left-padded
+    assert two[2].text == engine.chat(ask("What is Loom?"), greedy)[0].text
+    capped = engine.chat(ask(), greedy.updated(max_length=len(engine.encode(ask())) + 2))[0]
+    assert capped.completion_tokens <= 2 and capped.finish_reason in ("length", "stop")
+
+
+def test_a_checkpoint_of_the_run_loads_as_well(trained_sft):
+    checkpoint = os.path.join(trained_sft.run_dir, "checkpoint-000006")
+    engine = open_engine(infer_config(trained_sft.config), checkpoint)
+    assert engine.source.adapters == (os.path.join(checkpoint, "model"),)
+    assert engine.chat(ask(), Sampling.from_config(engine.cfg))[0].completion_tokens > 0
+
+
+def test_loom_chat_in_a_terminal_streams_keeps_history_clears_and_exits(trained_sft, engine, tmp_path):
+    config = tmp_path / "chat.yaml"
+    config.write_text(yaml.safe_dump(trained_sft.config))
+    loom = os.path.join(os.path.dirname(sys.executable), "loom")
+    terminal = Terminal([loom, "chat", str(config), "--system", "Answer briefly."], env=dict(os.environ))
+    try:
+        banner = terminal.read_until("User: ")
+        assert trained_sft.output_dir in banner  # a training config chats with what it trained
+        terminal.type(PROMPT)
+        shown = terminal.read_until("\nUser: ")
+        answer = shown.split("Assistant: ", 1)[1].split("\n", 1)[0]
+        expected = engine.chat(Conversation([{"role": "user", "content": PROMPT}], "Answer briefly."),
+                               Sampling.from_config(engine.cfg))[0].text  # fmt: skip
+        assert answer == expected.strip("\n")
+        terminal.type("And in seconds?")  # the second turn sees the first
+        second = terminal.read_until("\nUser: ").split("Assistant: ", 1)[1].split("\n", 1)[0]
+        history = [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": answer},
+                   {"role": "user", "content": "And in seconds?"}]  # fmt: skip
+        with_history = engine.chat(Conversation(history, "Answer briefly."), Sampling.from_config(engine.cfg))
+        assert second == with_history[0].text.strip("\n")
+        terminal.type("clear")
+        assert "History cleared." in terminal.read_until("User: ")
+        terminal.type("exit")
+        assert terminal.close() == 0
+    finally:
+        if terminal.process.poll() is None:
+            terminal.process.kill()
+
+
+def test_loom_chat_refuses_vllm_without_cuda_at_the_driver(trained_sft, tmp_path):
+    config = tmp_path / "chat.yaml"
+    config.write_text(yaml.safe_dump({**trained_sft.config, "infer_backend": "vllm"}))
+    loom = os.path.join(os.path.dirname(sys.executable), "loom")
+    done = subprocess.run([loom, "chat", str(config)], capture_output=True, text=True, timeout=120, input="")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "infer_backend: vllm needs a CUDA device" in done.stderr or "vllm is not installed" in done.stderr
+
+
+@pytest.fixture(scope="module")
+def api(engine):
+    settings = ApiSettings(key=KEY, model_name="loom-tiny", max_concurrent=2, queue=2)
+    with serving(build_app(engine, settings, Sampling.from_config(engine.cfg))) as url:
+        yield url
+
+
+def client(url: str, key: str = KEY):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def test_the_openai_client_chats_streams_and_samples_n_choices(api, engine):
+    openai = client(api)
+    assert [m.id for m in openai.models.list().data] == ["loom-tiny"]
+    messages = [{"role": "user", "content": PROMPT}]
+    reply = openai.chat.completions.create(model="loom-tiny", messages=messages, temperature=0)
+    expected = engine.chat(ask(), Sampling.from_config(engine.cfg).updated(temperature=0))[0]
+    assert reply.choices[0].message.content == expected.text
+    assert reply.usage.completion_tokens == expected.completion_tokens
+    stream = openai.chat.completions.create(model="loom-tiny", messages=messages, temperature=0, stream=True)
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected.text
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    sampled = openai.chat.completions.create(model="loom-tiny", messages=messages, n=3, temperature=1.0,
+                                             top_p=1.0, max_tokens=8)  # fmt: skip
+    assert len(sampled.choices) == 3 and all(c.message.content is not None for c in sampled.choices)
+    assert all(c.finish_reason in ("stop", "length") for c in sampled.choices)
+    limited = openai.chat.completions.create(model="loom-tiny", messages=messages, temperature=0, max_tokens=2)
+    assert limited.usage.completion_tokens <= 2
+
+
+def test_the_api_refuses_without_the_key_and_answers_bad_requests_in_openais_shape(api):
+    import openai as sdk
+
+    with pytest.raises(sdk.AuthenticationError) as caught:
+        client(api, key="wrong").models.list()
+    assert caught.value.body["code"] == "invalid_api_key"
+    with pytest.raises(sdk.BadRequestError) as caught:
+        client(api).chat.completions.create(model="m", messages=[{"role": "assistant", "content": "hi"}])
+    assert caught.value.body["param"] == "messages.0.role"
+    with pytest.raises(sdk.BadRequestError) as caught:
+        client(api).chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}], temperature=9)
+    assert caught.value.body["param"] == "temperature"
+    with pytest.raises(sdk.BadRequestError, match="one choice"):
+        client(api).chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}], n=2,
+                                            stream=True).close()  # fmt: skip
+    import requests
+
+    raw = requests.post(f"{api}/v1/chat/completions", data=b"{not json", headers={"Authorization": f"Bearer {KEY}"})
+    assert raw.status_code == 400 and "error" in raw.json()
+    assert requests.get(f"{api}/v1/nowhere").json()["error"]["message"] == "Not Found"
+
+
+def test_fifty_clients_at_once_each_succeed_or_get_429_and_the_server_stays_up(api):
+    import requests
+
+    body = {"model": "m", "messages": [{"role": "user", "content": PROMPT}], "temperature": 0}
+
+    def one(_: int) -> tuple[int, str | None]:
+        answer = requests.post(f"{api}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                            timeout=120)  # fmt: skip
+        return answer.status_code, answer.headers.get("retry-after")
+
+    with ThreadPoolExecutor(max_workers=50) as pool:
+        results = list(pool.map(one, range(50)))
+    codes = [code for code, _ in results]
+    assert set(codes) <= {200, 429} and codes.count(200) >= 4 and codes.count(429) >= 1, codes
+    assert all(int(retry) >= 1 for code, retry in results if code == 429)
+    assert client(api).models.list().data  # still up
+
+
+class ToolCallingEngine(EngineBase):
+    """The tiny model never emits a tool call: this engine answers with the text a tool-calling model would write in
+    the template's format; the parsing into tool_calls and the API's answer are Loom's real ones."""
+
+    can_score = False
+    TEXT = 'Action: add\nAction Input: {"a": 1, "b": 2}'
+
+    def generate(self, prompts, sampling, tools=None):
+        return [finished_reply(self.template, self.TEXT, len(p), [1, 2], 16, [], sampling, tools) for p in prompts]
+
+
+def test_tool_calls_are_parsed_into_openai_tool_calls(engine):
+    canned = ToolCallingEngine(engine.cfg, engine.source)
+    tools = [{"type": "function", "function": {"name": "add", "description": "Add two numbers",
+              "parameters": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}}}}]  # fmt: skip
+    assert "add" in canned.tokenizer.decode(canned.encode(Conversation([{"role": "user", "content": "1+2?"}],
+                                                                        tools=json.dumps([tools[0]["function"]]))))  # fmt: skip
+    with serving(build_app(canned, ApiSettings(), Sampling.from_config(engine.cfg))) as url:
+        openai = client(url)
+        reply = openai.chat.completions.create(model="m", messages=[{"role": "user", "content": "1+2?"}], tools=tools)
+        call = reply.choices[0].message.tool_calls[0]
+        assert reply.choices[0].finish_reason == "tool_calls"
+        assert call.function.name == "add" and json.loads(call.function.arguments) == {"a": 1, "b": 2}
+        streamed = list(openai.chat.completions.create(model="m", messages=[{"role": "user", "content": "1+2?"}],
+                                                       tools=tools, stream=True))  # fmt: skip
+        calls = [tc for c in streamed for tc in (c.choices[0].delta.tool_calls or [])]
+        assert calls[0].function.name == "add" and streamed[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_a_reward_model_scores_through_the_api_for_ppo(trained_reward_model):
+    from workers.rewards import ApiReward
+
+    engine = open_engine(infer_config(trained_reward_model.config), trained_reward_model.output_dir)
+    assert engine.can_score
+    prompt = "Human: Add 12 and 30.\nAssistant:"
+    texts = [f"{prompt}12 + 30 = 42. Thanks.", f"{prompt}12 + 30 = 42. Whatever."]
+    with serving(build_app(engine, ApiSettings(), Sampling.from_config(engine.cfg))) as url:
+        cfg = validate_config({"model_name_or_path": trained_reward_model.config["model_name_or_path"], "stage": "ppo",
+                               "reward_model": f"{url}/v1/score/evaluation", "reward_model_type": "api"},
+                              purpose="infer")  # fmt: skip
+        chosen, rejected = ApiReward(cfg)._post(texts)  # what Loom's ppo stage sends and reads
+        assert chosen > rejected
+        assert [round(s, 4) for s in engine.score(texts)] == [round(chosen, 4), round(rejected, 4)]
+
+
+def test_scoring_a_model_without_a_value_head_is_a_400(api):
+    import requests
+
+    answer = requests.post(f"{api}/v1/score/evaluation", json={"model": "m", "messages": ["a"]},
+                        headers={"Authorization": f"Bearer {KEY}"})  # fmt: skip
+    assert answer.status_code == 400 and "not a reward model" in answer.json()["error"]["message"]
+
+
+def test_a_streaming_client_that_leaves_frees_its_place(api):
+    """A client that reads one chunk and goes away: the generation stops and its place is free for the next."""
+    import requests
+
+    headers = {"Authorization": f"Bearer {KEY}"}
+    body = {"model": "m", "messages": [{"role": "user", "content": PROMPT}], "stream": True, "max_tokens": 512}
+    for _ in range(5):  # more than running + waiting places: a leaked place would turn the later ones away
+        with requests.post(f"{api}/v1/chat/completions", json=body, headers=headers, timeout=60, stream=True) as answer:
+            assert answer.status_code == 200
+            next(answer.iter_lines())
+    done = threading.Event()
+    status = []
+
+    def later() -> None:
+        status.append(requests.post(f"{api}/v1/chat/completions", headers=headers, timeout=60,
+                                 json={**body, "stream": False, "max_tokens": 4}).status_code)  # fmt: skip
+        done.set()
+
+    threading.Thread(target=later, daemon=True).start()
+    assert done.wait(60) and status == [200]
