@@ -26,15 +26,43 @@ def resolve_source(cfg: Any, model_dir: str | None) -> ModelSource:
     return model_source(cfg, os.path.abspath(model_dir) if model_dir else None)
 
 
-def open_engine(cfg: Any, model_dir: str | None = None, source_name: str = "config") -> Engine:
+def open_engine(cfg: Any, model_dir: str | None = None, source_name: str = "config", for_export: bool = False
+                ) -> Engine:  # fmt: skip
     from orchestrator.preflight import model_problems
 
-    problems = backend_problems(cfg) + model_problems(cfg)
+    from .export import export_problems
+
+    problems = (export_problems(cfg) if for_export else backend_problems(cfg)) + model_problems(cfg)
     if problems:
         raise ConfigError(problems, source=source_name)
     source = resolve_source(cfg, model_dir)
     quiet_transformers()
-    return load_engine(cfg, source)
+    return load_engine(cfg, source, for_export)
+
+
+def run_predict(cfg: Any, model_dir: str | None = None, source_name: str = "config", address: str | None = None
+                ) -> dict[str, Any]:  # fmt: skip
+    """`loom predict`: every check first (stage, datasets, model, backend), then generation on the cluster."""
+    from orchestrator.launch import connect
+    from orchestrator.plan import with_absolute_paths
+    from orchestrator.preflight import model_problems
+
+    from .predict import predict, predict_problems
+
+    cfg = with_absolute_paths(cfg)
+    problems = predict_problems(cfg) + backend_problems(cfg) + model_problems(cfg)
+    if problems:
+        raise ConfigError(problems, source=source_name)
+    source = resolve_source(cfg, model_dir)
+    connect(address)
+    return predict(cfg, source, source_name)
+
+
+def export(cfg: Any, model_dir: str | None = None, source_name: str = "config") -> tuple[ModelSource, str]:
+    from .export import export_model
+
+    engine = open_engine(cfg, model_dir, source_name, for_export=True)
+    return engine.source, export_model(cfg, engine)
 
 
 def quiet_transformers() -> None:

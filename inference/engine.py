@@ -134,11 +134,14 @@ class EngineBase:
 class HuggingFaceEngine(EngineBase):
     """transformers `generate` on the driver's (or a replica's, or a predict actor's) device."""
 
-    def __init__(self, cfg: Any, source: ModelSource):
+    def __init__(self, cfg: Any, source: ModelSource, stored_dtype: bool = False):
+        """`stored_dtype`: with infer_dtype auto, keep the weights' own dtype (an export) instead of computing in
+        float32."""
         import torch
 
         super().__init__(cfg, source)
         self.torch = torch
+        self.stored_dtype = stored_dtype and cfg.infer_dtype == "auto"
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = self._load_model(cfg, source).to(self.device).eval()
         self.scorer = self._load_scorer(source)
@@ -151,7 +154,7 @@ class HuggingFaceEngine(EngineBase):
         from workers.model import ATTENTION, fit_embeddings
 
         model = AutoModelForCausalLM.from_pretrained(
-            source.base, dtype=getattr(self.torch, INFER_DTYPES[cfg.infer_dtype]),
+            source.base, dtype="auto" if self.stored_dtype else getattr(self.torch, INFER_DTYPES[cfg.infer_dtype]),
             attn_implementation=ATTENTION[cfg.flash_attn], trust_remote_code=cfg.trust_remote_code,
             token=cfg.hf_hub_token, cache_dir=cfg.cache_dir, low_cpu_mem_usage=cfg.low_cpu_mem_usage,
         )  # fmt: skip
@@ -289,8 +292,11 @@ def held_back(chunks: Iterator[str], stop: tuple[str, ...], cancel: threading.Ev
         yield pending
 
 
-def load_engine(cfg: Any, source: ModelSource) -> Engine:
-    """The engine `infer_backend` names (vllm is checked at the driver: it needs CUDA and the vllm package)."""
+def load_engine(cfg: Any, source: ModelSource, for_export: bool = False) -> Engine:
+    """The engine `infer_backend` names (vllm is checked at the driver: it needs CUDA and the vllm package). An
+    export always merges with transformers, in the weights' own dtype."""
+    if for_export:
+        return HuggingFaceEngine(cfg, source, stored_dtype=True)
     if cfg.infer_backend == "vllm":
         from .vllm_engine import VllmEngine
 

@@ -57,6 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     _model_dir_arg(chat)
     chat.add_argument("--system", help="system prompt (default: default_system, else the template's own)")
     chat.add_argument("--tools", help="JSON file with a list of function schemas the model may call")
+    predict = commands.add_parser("predict", help="generate over the evaluation set on Ray; BLEU-4 and ROUGE scores")
+    _config_args(predict)
+    _model_dir_arg(predict)
+    predict.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
+    export = commands.add_parser("export", help="merge adapters into the base and write one plain model folder")
+    _config_args(export)
+    _model_dir_arg(export)
     api = commands.add_parser("api", help="an OpenAI-compatible HTTP server (API_HOST, API_PORT, API_KEY, ...)")
     _config_args(api)
     _model_dir_arg(api)
@@ -115,6 +122,10 @@ def run_train(config: str, overrides: list[str], address: str | None = None):
     print(f"checkpoint    {outcome.checkpoint}")
     print(f"model         {outcome.output_dir}")
     print(f"log           {os.path.join(outcome.output_dir, 'trainer_log.jsonl')}")
+    if cfg.do_predict:
+        from inference.commands import run_predict
+
+        _print_predictions(outcome.output_dir, run_predict(cfg, outcome.output_dir, config, address))
     return cfg, outcome
 
 
@@ -228,6 +239,29 @@ def _read_tools(path: str) -> str:
     return json.dumps(tools, ensure_ascii=False)
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from inference.commands import run_predict
+
+    cfg = _inference_config(args)
+    results = run_predict(cfg, args.model_dir, args.config, args.address)
+    _print_predictions(cfg.output_dir, results)
+    return 0
+
+
+def _print_predictions(output_dir: str, results: dict) -> None:
+    print(f"predict       {json.dumps(results)}")
+    print(f"predictions   {os.path.join(output_dir, 'generated_predictions.jsonl')}")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from inference.commands import export
+
+    source, folder = export(_inference_config(args), args.model_dir, args.config)
+    print(f"loom export: {source.describe()} -> {folder}")
+    print(f"files         {', '.join(sorted(os.listdir(folder)))}")
+    return 0
+
+
 def cmd_api(args: argparse.Namespace) -> int:
     from inference.api import ApiSettings, serve_api
     from inference.commands import open_engine
@@ -279,6 +313,8 @@ COMMANDS = {
     "generate": cmd_generate,
     "chat": cmd_chat,
     "api": cmd_api,
+    "export": cmd_export,
+    "predict": cmd_predict,
     "tiny-model": cmd_tiny_model,
     "features": cmd_features,
     "data": cmd_data,

@@ -345,6 +345,16 @@ CHECKS: tuple[Callable[[LoomConfig], list[Problem]], ...] = (
 )
 
 
+def _prediction(cfg: LoomConfig) -> list[Problem]:
+    p = []
+    if cfg.do_predict and not cfg.predict_with_generate:
+        p.append(Problem("predict_with_generate", "must be true with do_predict: Loom's prediction generates answers "
+                                                  "(a loss on held-out data is do_eval's)"))  # fmt: skip
+    if cfg.do_predict and cfg.stage != "sft":
+        p.append(Problem("do_predict", f"stage {cfg.stage!r} does not generate predictions; only sft does"))
+    return p
+
+
 def _datasets_named(cfg: LoomConfig) -> list[Problem]:
     if cfg.do_train and not cfg.dataset_names():
         return [Problem("dataset", "is required for training (names from dataset_info.json or file names)")]
@@ -352,7 +362,7 @@ def _datasets_named(cfg: LoomConfig) -> list[Problem]:
 
 
 PURPOSES = {  # what a config is validated for: the checks beyond CHECKS that each use needs
-    "train": (_datasets_named, _stage_built, _ppo),
+    "train": (_datasets_named, _stage_built, _ppo, _prediction),
     "data": (_datasets_named,),  # loom data: prepares any stage's data, trainable or not yet
     "infer": (),  # chat, api, serve, export: a model and a template, no training data
 }

@@ -42,8 +42,8 @@ class DataArgs(BaseModel):
         None, "Ray Data tasks tokenizing at once (default: as many as the cluster allows).", ge=1
     )
     max_samples: int | None = param(None, "Keep at most this many rows of each dataset.", ge=1)
-    eval_num_beams: int | None = not_yet(
-        None, "num_beams when generating during evaluation.", "predict is not built yet", ge=1
+    eval_num_beams: int | None = param(
+        None, "num_beams when generating predictions (loom predict, do_predict); unset: num_beams.", ge=1
     )
     ignore_pad_token_for_loss: bool = param(True, "Leave padding tokens out of the loss.")
     val_size: float = param(0.0, "Held-out validation split: a fraction in [0, 1) or a row count >= 1.", ge=0.0)

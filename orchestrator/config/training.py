@@ -31,8 +31,14 @@ class TrainingArgs(BaseModel):
     )
     do_train: bool = param(True, "Train the model.", source=_TF)
     do_eval: bool = param(False, "Evaluate on the validation split (val_size).", source=_TF)
-    do_predict: bool = not_yet(False, "Run prediction on the evaluation set.", "predict is not built yet", source=_TF)
-    predict_with_generate: bool = not_yet(False, "Generate during prediction.", "predict is not built yet", source=_TF)
+    do_predict: bool = param(
+        False, "After training, generate over the evaluation set on Ray (loom predict) and score it.", source=_TF
+    )
+    predict_with_generate: bool = param(
+        False,
+        "Prediction generates answers (required with do_predict: Loom's prediction always generates).",
+        source=_TF,
+    )
     eval_strategy: Literal["no", "steps", "epoch"] = param(
         "no", "When to evaluate: never, every eval_steps, each epoch.", source=_TF
     )

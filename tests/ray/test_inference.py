@@ -246,3 +246,100 @@ def test_a_streaming_client_that_leaves_frees_its_place(api):
 
     threading.Thread(target=later, daemon=True).start()
     assert done.wait(60) and status == [200]
+
+
+def test_export_merges_shards_and_reloads_in_plain_transformers_with_the_same_greedy_text(
+    engine, trained_sft, tmp_path
+):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = tmp_path / "exported"
+    config = tmp_path / "export.yaml"
+    config.write_text(yaml.safe_dump({**trained_sft.config, "export_dir": str(target), "export_size": 0.0005}))
+    loom = os.path.join(os.path.dirname(sys.executable), "loom")
+    done = subprocess.run([loom, "export", str(config)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    names = set(os.listdir(target))
+    shards = [n for n in names if n.endswith(".safetensors")]
+    assert len(shards) > 1 and "model.safetensors.index.json" in names  # 0.0005 GB shards of a ~2 MB model
+    assert {"tokenizer.json", "config.json", "Modelfile"} <= names and "adapter_config.json" not in names
+    assert not [n for n in os.listdir(tmp_path) if ".partial-" in n]
+    modelfile = (target / "Modelfile").read_text()
+    assert modelfile.startswith("FROM .") and "Human: {{ .Content }}" in modelfile  # the default template's turns
+
+    model = AutoModelForCausalLM.from_pretrained(target).eval()
+    tokenizer = AutoTokenizer.from_pretrained(target)
+    prompt = engine.encode(ask())
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                             do_sample=False, max_new_tokens=16, eos_token_id=engine.stop_ids,
+                             pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    plain = tokenizer.decode(trim(out[0, len(prompt) :].tolist(), engine), skip_special_tokens=True)
+    assert plain == engine.chat(ask(), Sampling.from_config(engine.cfg))[0].text
+
+    again = subprocess.run([loom, "export", str(config)], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "exists and is not empty" in again.stderr
+
+
+def trim(ids: list[int], engine) -> list[int]:
+    from workers.collate import trim_response
+
+    return trim_response(ids, set(engine.stop_ids), engine.tokenizer.pad_token_id)
+
+
+def test_export_of_a_reward_model_keeps_its_value_head_in_legacy_format(trained_reward_model, tmp_path):
+    from inference.commands import export
+
+    cfg = infer_config(trained_reward_model.config, export_dir=str(tmp_path / "rm"), export_legacy_format=True)
+    _, folder = export(cfg, trained_reward_model.output_dir)
+    names = set(os.listdir(folder))
+    assert "value_head.safetensors" in names and any(n.endswith(".bin") for n in names)
+    assert not any(n.startswith("model") and n.endswith(".safetensors") for n in names)
+    exported = open_engine(infer_config(trained_reward_model.config), folder)
+    original = open_engine(infer_config(trained_reward_model.config), trained_reward_model.output_dir)
+    texts = ["Human: Add 1 and 2.\nAssistant:1 + 2 = 3. Thanks."]
+    assert exported.source.adapters == () and exported.score(texts) == pytest.approx(original.score(texts), abs=1e-5)
+
+
+def test_export_refuses_what_it_cannot_do_here_all_at_once(trained_sft, tmp_path, monkeypatch):
+    from inference.commands import export
+    from orchestrator.errors import ConfigError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("mine")
+    cfg = infer_config(trained_sft.config, export_dir=str(taken), export_quantization_bit=4,
+                       export_hub_model_id="me/tiny")  # fmt: skip
+    with pytest.raises(ConfigError) as caught:
+        export(cfg)
+    assert {"export_dir", "export_quantization_bit", "export_quantization_dataset", "export_hub_model_id"} <= set(
+        caught.value.keys
+    )
+    assert (taken / "notes.txt").read_text() == "mine" and os.listdir(taken) == ["notes.txt"]
+
+
+def test_loom_predict_on_two_workers_writes_predictions_and_scores(ray_cluster, trained_sft, engine, tmp_path):
+    from inference.metrics import similarity
+
+    out = tmp_path / "predict"
+    config = tmp_path / "predict.yaml"
+    config.write_text(yaml.safe_dump({**trained_sft.config, "eval_dataset": "loom_demo_sft", "max_samples": 12,
+                                      "per_device_eval_batch_size": 4, "output_dir": str(out)}))  # fmt: skip
+    loom = os.path.join(os.path.dirname(sys.executable), "loom")
+    done = subprocess.run([loom, "predict", str(config), "--model-dir", trained_sft.output_dir],
+                          capture_output=True, text=True, timeout=600, env=ray_cluster.env())  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "generated_predictions.jsonl").read_text().splitlines()]
+    results = json.loads((out / "predict_results.json").read_text())
+    assert len(rows) == 12 == results["predict_samples"] and results["predict_workers"] == 2
+    with open(os.path.join(os.path.dirname(__file__), "..", "..", "orchestrator", "demo", "data",
+                           "loom_demo_sft.json")) as handle:  # fmt: skip
+        first = json.load(handle)[0]
+    assert rows[0]["label"].strip() == first["output"] and first["instruction"] in rows[0]["prompt"]  # file order
+    expected = engine.chat(ask(first["instruction"]), Sampling.from_config(engine.cfg))[0].text
+    assert rows[0]["predict"] == expected  # the trained adapter's greedy answer, batched on an actor
+    scores = similarity([r["predict"] for r in rows], [r["label"] for r in rows])
+    assert {k: results[k] for k in scores} == scores and 0 < results["predict_rouge-1"] < 100
+    assert results["predict_samples_per_second"] > 0

@@ -151,3 +151,22 @@ def test_the_model_a_command_loads_from_each_kind_of_folder(tmp_path):
     assert model_source(cfg, str(base)).base == str(base)
     with pytest.raises(ConfigError, match="holds no model"):
         model_source(cfg, str(tmp_path))
+
+
+def test_similarity_scores_match_hand_computed_values():
+    from inference.metrics import row_scores, similarity
+
+    same = row_scores("the cat sat", "the cat sat")
+    assert same == {"rouge-1": 100.0, "rouge-2": 100.0, "rouge-l": 100.0, "bleu-4": 100.0}
+    # words: 2 of 3 unigrams shared (P = R = F = 2/3), 1 of 2 bigrams (F = 1/2), longest common run 2 (F = 2/3)
+    words = row_scores("the cat sat", "the cat ran")
+    assert (words["rouge-1"], words["rouge-2"], words["rouge-l"]) == (66.6667, 50.0, 66.6667)
+    # characters "abce" against "abcd": 1-4-gram precisions 3/4, 2/3, 1/2 and 0 -> 1/2 (smoothing method 3),
+    # brevity penalty 1: (3/4 * 2/3 * 1/2 * 1/2) ** (1/4) = 0.125 ** 0.25 = 0.594604
+    assert row_scores("abce", "abcd")["bleu-4"] == 59.4604
+    assert row_scores("", "abc")["rouge-1"] == 0.0  # an empty side scores 0, as LLaMA-Factory counts it
+    chinese = row_scores("我爱北京", "我爱北京天安门")  # jieba: 我 / 爱 / 北京 against 我 / 爱 / 北京 / 天安门
+    assert chinese["rouge-1"] == round(2 * (1.0 * 0.75) / 1.75 * 100, 4)
+    assert similarity(["the cat sat", "abce"], ["the cat sat", "abcd"])["predict_bleu-4"] == round(
+        (100.0 + 59.4604) / 2, 4
+    )
