@@ -11,7 +11,8 @@ from typing import Any
 
 from orchestrator.errors import ConfigError
 
-from .engine import Conversation, Engine, Sampling, load_engine
+from .backends import load_engine
+from .engine import Conversation, Engine, Sampling, quiet_transformers
 from .source import ModelSource, default_model_dir, model_source
 from .vllm_engine import backend_problems
 
@@ -63,15 +64,6 @@ def export(cfg: Any, model_dir: str | None = None, source_name: str = "config") 
 
     engine = open_engine(cfg, model_dir, source_name, for_export=True)
     return engine.source, export_model(cfg, engine)
-
-
-def quiet_transformers() -> None:
-    """transformers' weight-loading progress bars are not Loom's lines (LOOM_VERBOSITY brings them back)."""
-    from transformers.utils import logging as hf_logging
-
-    if os.environ.get("LOOM_VERBOSITY", "").lower() not in ("debug", "info"):
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
 
 
 def answer(cfg: Any, model_dir: str | None, prompt: str) -> str:

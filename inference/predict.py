@@ -18,7 +18,8 @@ from typing import Any
 from orchestrator.config.values import split_csv
 from orchestrator.errors import ConfigError, Problem
 
-from .engine import Sampling, load_engine
+from .backends import load_engine
+from .engine import Sampling, quiet_transformers
 from .metrics import similarity
 from .source import ModelSource
 
@@ -38,8 +39,6 @@ class Predictor:
     """One model actor: loads the engine once, then answers batches of prompt ids."""
 
     def __init__(self, cfg: Any, source: ModelSource):
-        from .commands import quiet_transformers
-
         quiet_transformers()
         self.engine = load_engine(cfg, source)
         self.sampling = Sampling.from_config(cfg).updated(num_beams=cfg.eval_num_beams)

@@ -16,11 +16,11 @@ from typing import Any
 
 import torch
 
-from inference.engine import Sampling, generate_kwargs
 from orchestrator.data.templates import get_template, stop_token_ids
 from orchestrator.data.tokenizer import template_name
 
 from ..collate import left_pad, pad_experience, trim_response
+from ..generation import Sampling, generate_kwargs
 from ..losses import (
     AdaptiveKLController,
     RunningMoments,
