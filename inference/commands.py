@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from orchestrator.errors import ConfigError
+from orchestrator.errors import ConfigError, Problem
 
 from .backends import load_engine
 from .engine import Conversation, Engine, Sampling, quiet_transformers
@@ -70,3 +70,33 @@ def answer(cfg: Any, model_dir: str | None, prompt: str) -> str:
     """One reply to one user message (loom generate, the quickstart's sample)."""
     engine = open_engine(cfg, model_dir)
     return engine.chat(Conversation([{"role": "user", "content": prompt}]), Sampling.from_config(cfg))[0].text
+
+
+def run_serve(cfg: Any, model_dir: str | None, source_name: str, address: str | None, scale: Any,
+              detach: bool = False) -> str:  # fmt: skip
+    """`loom serve`: every check first (model, backend, the replicas' placement), then the app on Ray Serve.
+    Returns the URL; the app stays up until `serve_until_stopped` ends (or, detached, until `loom serve --stop`)."""
+    from dataclasses import replace
+
+    from orchestrator.launch import cluster_nodes, connect
+    from orchestrator.plan import make_plan, placement_problems
+    from orchestrator.preflight import model_problems
+
+    from .api import ApiSettings
+    from .serve import deploy
+
+    settings = ApiSettings.from_env()
+    problems = backend_problems(cfg) + model_problems(cfg)
+    if detach and not (address or os.environ.get("RAY_ADDRESS")):
+        problems.append(Problem("--detach", "needs a cluster (--address or RAY_ADDRESS): an embedded Ray stops "
+                                            "with this command"))  # fmt: skip
+    if problems:
+        raise ConfigError(problems, source=source_name)
+    source = resolve_source(cfg, model_dir)
+    connect(address)
+    bundles = replace(make_plan(cfg), num_workers=scale.min_replicas, min_workers=0)
+    missing = placement_problems(bundles, cluster_nodes())
+    if missing:
+        raise ConfigError([Problem("resources_per_worker", f"{m} (one bundle per replica)") for m in missing],
+                          source=source_name)  # fmt: skip
+    return deploy(cfg, source, settings, scale)

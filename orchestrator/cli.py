@@ -67,6 +67,15 @@ def build_parser() -> argparse.ArgumentParser:
     api = commands.add_parser("api", help="an OpenAI-compatible HTTP server (API_HOST, API_PORT, API_KEY, ...)")
     _config_args(api)
     _model_dir_arg(api)
+    serve = commands.add_parser("serve", help="the API on Ray Serve: replicas with resources_per_worker each")
+    _config_args(serve)
+    _model_dir_arg(serve)
+    serve.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
+    serve.add_argument("--replicas", type=int, help="replicas to start (default: ray_num_workers)")
+    serve.add_argument("--min-replicas", type=int, help="autoscaling: the fewest replicas (default: ray_min_workers)")
+    serve.add_argument("--max-replicas", type=int, help="autoscaling: the most replicas (default: --replicas)")
+    serve.add_argument("--detach", action="store_true", help="leave the app running on the cluster and return")
+    serve.add_argument("--stop", action="store_true", help="take down the app a detached `loom serve` left")
     data = commands.add_parser("data", help="prepare (and cache) the datasets without training; print a summary")
     _config_args(data)
     data.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
@@ -276,6 +285,27 @@ def cmd_api(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from inference.serve import ReplicaScale, running_replicas, serve_until_stopped, undeploy
+
+    if args.stop:
+        from .launch import connect
+
+        connect(args.address)
+        print("loom serve: the app is down" if undeploy() else "loom serve: no loom app was running")
+        return 0
+    from inference.commands import run_serve
+
+    cfg = _inference_config(args)
+    scale = ReplicaScale.resolve(cfg, args.replicas, args.min_replicas, args.max_replicas)
+    url = run_serve(cfg, args.model_dir, args.config, args.address, scale, args.detach)
+    bounds = f", autoscaling {scale.min_replicas}..{scale.max_replicas}" if scale.autoscaling else ""
+    print(f"loom serve: {running_replicas()} replica(s) on {url}{bounds}", flush=True)
+    if not args.detach:
+        serve_until_stopped()
+    return 0
+
+
 def cmd_tiny_model(args: argparse.Namespace) -> int:
     from .tiny import build_tiny_model
 
@@ -313,6 +343,7 @@ COMMANDS = {
     "generate": cmd_generate,
     "chat": cmd_chat,
     "api": cmd_api,
+    "serve": cmd_serve,
     "export": cmd_export,
     "predict": cmd_predict,
     "tiny-model": cmd_tiny_model,

@@ -343,3 +343,59 @@ def test_loom_predict_on_two_workers_writes_predictions_and_scores(ray_cluster, 
     scores = similarity([r["predict"] for r in rows], [r["label"] for r in rows])
     assert {k: results[k] for k in scores} == scores and 0 < results["predict_rouge-1"] < 100
     assert results["predict_samples_per_second"] > 0
+
+
+def test_loom_serve_runs_two_replicas_on_the_cluster_behind_serves_proxy(ray_cluster, trained_sft, engine, tmp_path):
+    import requests
+    from ray.util.state import list_actors
+
+    from inference.serve import running_replicas
+    from tests.conftest import free_port
+
+    port = free_port()
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump(trained_sft.config))
+    env = {**ray_cluster.env(), "API_HOST": "127.0.0.1", "API_PORT": str(port), "API_KEY": KEY,
+           "API_MODEL_NAME": "loom-tiny", "MAX_CONCURRENT": "2"}  # fmt: skip
+    loom = os.path.join(os.path.dirname(sys.executable), "loom")
+    server = subprocess.Popen([loom, "serve", str(config), "--replicas", "2"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    try:
+        banner = server.stdout.readline()
+        assert banner.startswith("loom serve: 2 replica(s) on http://127.0.0.1:"), server.stderr.read()[-3000:]
+        assert running_replicas() == 2
+        openai = client(f"http://127.0.0.1:{port}")
+        messages = [{"role": "user", "content": PROMPT}]
+        expected = engine.chat(ask(), Sampling.from_config(engine.cfg).updated(temperature=0))[0].text
+        assert openai.chat.completions.create(model="loom-tiny", messages=messages,
+                                              temperature=0).choices[0].message.content == expected  # fmt: skip
+        stream = openai.chat.completions.create(model="loom-tiny", messages=messages, temperature=0, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in stream) == expected  # streamed through Serve
+
+        def answered_by(_: int) -> str:
+            raw = openai.chat.completions.with_raw_response.create(model="loom-tiny", messages=messages,
+                                                                   temperature=0, max_tokens=4)  # fmt: skip
+            return raw.headers["x-loom-replica"]
+
+        with ThreadPoolExecutor(8) as pool:
+            replicas = set(pool.map(answered_by, range(16)))
+        assert len(replicas) == 2  # the router spread the load over both replicas
+        assert requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=30).status_code == 401  # same app, same key
+    finally:
+        server.send_signal(2)  # Ctrl-C: the app is taken down
+        server.wait(timeout=120)
+    assert server.returncode == 0
+    alive = list_actors(filters=[("state", "=", "ALIVE")])
+    assert not [a for a in alive if a.class_name.startswith(("ServeReplica", "ServeController", "ProxyActor"))]
+    with pytest.raises(requests.ConnectionError):  # the proxy went with the last app
+        requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=5)
+
+
+def test_loom_serve_refuses_replicas_the_cluster_cannot_place(ray_cluster, trained_sft, tmp_path):
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump({**trained_sft.config, "resources_per_worker": {"CPU": 3}}))
+    loom = os.path.join(os.path.dirname(sys.executable), "loom")
+    done = subprocess.run([loom, "serve", str(config), "--replicas", "2"], capture_output=True, text=True,
+                          timeout=300, env=ray_cluster.env())  # fmt: skip
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert "resources_per_worker" in done.stderr and "needs 6 CPU, cluster has 4 CPU" in done.stderr

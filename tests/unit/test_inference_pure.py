@@ -170,3 +170,26 @@ def test_similarity_scores_match_hand_computed_values():
     assert similarity(["the cat sat", "abce"], ["the cat sat", "abcd"])["predict_bleu-4"] == round(
         (100.0 + 59.4604) / 2, 4
     )
+
+
+def test_serve_replica_counts_and_autoscaling_bounds(model_dir):
+    from inference.serve import ReplicaScale
+
+    cfg = validate_config({"model_name_or_path": model_dir, "ray_num_workers": 3}, purpose="infer")
+    fixed = ReplicaScale.resolve(cfg, None, None, None)
+    assert fixed == ReplicaScale(3, 3, 3) and not fixed.autoscaling
+    settings = ApiSettings(max_concurrent=2, queue=4)
+    assert fixed.deployment_options(settings) == {"max_ongoing_requests": 7, "num_replicas": 3}
+    elastic = validate_config(
+        {"model_name_or_path": model_dir, "ray_num_workers": 3, "ray_min_workers": 1}, purpose="infer"
+    )
+    assert ReplicaScale.resolve(elastic, None, None, None) == ReplicaScale(3, 1, 3)  # like an elastic run
+    scaled = ReplicaScale.resolve(cfg, 2, 1, 4)
+    assert scaled.deployment_options(settings)["autoscaling_config"] == {
+        "min_replicas": 1, "max_replicas": 4, "initial_replicas": 2, "target_ongoing_requests": 2}  # fmt: skip
+    assert "num_replicas" not in scaled.deployment_options(settings)
+    with pytest.raises(ConfigError) as refused:
+        ReplicaScale.resolve(cfg, 5, 1, 4)
+    assert "--replicas: given 5; between --min-replicas (1) and --max-replicas (4)" in str(refused.value)
+    with pytest.raises(ConfigError, match="--min-replicas: given 0"):
+        ReplicaScale.resolve(cfg, 2, 0, 4)
