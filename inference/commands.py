@@ -100,3 +100,23 @@ def run_serve(cfg: Any, model_dir: str | None, source_name: str, address: str | 
         raise ConfigError([Problem("resources_per_worker", f"{m} (one bundle per replica)") for m in missing],
                           source=source_name)  # fmt: skip
     return deploy(cfg, source, settings, scale)
+
+
+def run_eval(cfg: Any, model_dir: str | None = None, source_name: str = "config", address: str | None = None
+             ) -> dict[str, Any]:  # fmt: skip
+    """`loom eval`: the task, its files, save_dir and the model checked first; then the questions on the cluster.
+    Scoring reads logits, so it always runs on transformers (infer_backend does not apply)."""
+    from orchestrator.launch import connect
+    from orchestrator.plan import with_absolute_paths
+    from orchestrator.preflight import model_problems
+
+    from .evaluate import eval_problems, evaluate
+
+    cfg = with_absolute_paths(cfg)
+    subjects, problems = eval_problems(cfg)
+    problems += model_problems(cfg)
+    if problems:
+        raise ConfigError(problems, source=source_name)
+    source = resolve_source(cfg, model_dir)
+    connect(address)
+    return evaluate(cfg, source, subjects)

@@ -195,6 +195,15 @@ class HuggingFaceEngine(EngineBase):
         cancel.set()
         worker.join()
 
+    def next_token_logits(self, prompts: list[list[int]]) -> Any:
+        """The logits (float32, rows x vocabulary) of the token after each prompt, one forward pass for the batch.
+        Left-padded rows get the positions they would have alone, so a row scores the same in any batch."""
+        ids, mask = self._batch(prompts)
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        with self.torch.inference_mode():
+            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        return logits[:, -1].float()
+
     def score(self, texts: list[str], max_length: int | None = None) -> list[float]:
         """The value head's score at each text's last token (LLaMA-Factory's /v1/score/evaluation)."""
         if self.scorer is None:

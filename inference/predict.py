@@ -18,6 +18,7 @@ from typing import Any
 from orchestrator.config.values import split_csv
 from orchestrator.errors import ConfigError, Problem
 
+from .actors import on_model_actors
 from .backends import load_engine
 from .engine import Sampling, quiet_transformers
 from .metrics import similarity
@@ -79,13 +80,8 @@ def predict(cfg: Any, source: ModelSource, source_name: str = "config") -> dict[
 
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # rows come back in file order
     started = time.perf_counter()
-    resources = cfg.worker_resources()
-    answered = prompts_dataset(cfg, source_name).map_batches(
-        Predictor, fn_constructor_args=(cfg, source), batch_size=cfg.per_device_eval_batch_size,
-        batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=cfg.ray_num_workers),
-        num_cpus=resources.get("CPU", 1.0), num_gpus=resources.get("GPU", 0.0),
-    )  # fmt: skip
-    rows = answered.take_all()
+    rows = on_model_actors(prompts_dataset(cfg, source_name), Predictor, cfg, source, cfg.per_device_eval_batch_size,
+                           batch_format="pyarrow").take_all()  # fmt: skip
     runtime = time.perf_counter() - started
     results = {
         **similarity([r["predict"] for r in rows], [r["label"] for r in rows]),

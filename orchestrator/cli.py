@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(predict)
     _model_dir_arg(predict)
     predict.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
+    evaluate = commands.add_parser("eval", help="MMLU / C-Eval / CMMLU from task_dir on Ray workers; accuracy")
+    _config_args(evaluate)
+    _model_dir_arg(evaluate)
+    evaluate.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
     export = commands.add_parser("export", help="merge adapters into the base and write one plain model folder")
     _config_args(export)
     _model_dir_arg(export)
@@ -262,6 +266,20 @@ def _print_predictions(output_dir: str, results: dict) -> None:
     print(f"predictions   {os.path.join(output_dir, 'generated_predictions.jsonl')}")
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from inference.commands import run_eval
+    from inference.evaluate import score_lines
+
+    cfg = _inference_config(args)
+    table = run_eval(cfg, args.model_dir, args.config, args.address)
+    print(f"loom eval: {cfg.task}, {sum(r['questions'] for r in table['subjects'].values())} questions on "
+          f"{table['workers']} worker(s) in {table['runtime_s']:.1f} s")  # fmt: skip
+    print(score_lines(table))
+    if cfg.save_dir:
+        print(f"results       {cfg.save_dir}")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from inference.commands import export
 
@@ -345,6 +363,7 @@ COMMANDS = {
     "api": cmd_api,
     "serve": cmd_serve,
     "export": cmd_export,
+    "eval": cmd_eval,
     "predict": cmd_predict,
     "tiny-model": cmd_tiny_model,
     "features": cmd_features,

@@ -4,18 +4,21 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-from orchestrator.config.fields import not_yet
-
-REASON = "benchmark evaluation (mmlu/ceval/cmmlu) is not built yet"
+from orchestrator.config.fields import param
 
 
 class EvaluationArgs(BaseModel):
-    task: str | None = not_yet(None, "Benchmark to run: mmlu_test, ceval_validation or cmmlu_test.", REASON)
-    task_dir: str = not_yet("evaluation", "Directory holding the benchmark datasets.", REASON)
-    batch_size: int = not_yet(4, "Evaluation batch size per device.", REASON, ge=1)
-    lang: Literal["en", "zh"] = not_yet("en", "Language of the evaluation prompts: en or zh.", REASON)
-    n_shot: int = not_yet(5, "Number of few-shot examples per question.", REASON, ge=0)
-    save_dir: str | None = not_yet(None, "Directory for evaluation results; must not exist yet.", REASON)
-    download_mode: Literal["reuse_dataset_if_exists", "reuse_cache_if_exists", "force_redownload"] = not_yet(
-        "reuse_dataset_if_exists", "How benchmark datasets are fetched: reuse what exists or download again.", REASON
+    task: str | None = param(None, "Benchmark to run: mmlu_test, ceval_validation or cmmlu_test.")
+    task_dir: str = param(
+        "evaluation", "Directory holding the benchmarks in LLaMA-Factory's evaluation/ layout, or a Hub dataset repo."
+    )
+    batch_size: int = param(4, "Evaluation batch size per device.", ge=1)
+    lang: Literal["en", "zh"] = param("en", "Language of the evaluation prompts: en or zh.")
+    n_shot: int = param(5, "Number of few-shot examples per question.", ge=0)
+    save_dir: str | None = param(
+        None, "Directory for the evaluation results (results.json, results.log, scores.json); must not exist."
+    )
+    download_mode: Literal["reuse_dataset_if_exists", "reuse_cache_if_exists", "force_redownload"] = param(
+        "reuse_dataset_if_exists",
+        "When task_dir is a Hub dataset repo: reuse a fetched copy, or fetch again (force_redownload).",
     )

@@ -399,3 +399,44 @@ def test_loom_serve_refuses_replicas_the_cluster_cannot_place(ray_cluster, train
                           timeout=300, env=ray_cluster.env())  # fmt: skip
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert "resources_per_worker" in done.stderr and "needs 6 CPU, cluster has 4 CPU" in done.stderr
+
+
+DEMO_TASKS = os.path.join(os.path.dirname(__file__), "..", "..", "orchestrator", "demo", "evaluation")
+
+
+def test_loom_eval_scores_the_demo_benchmark_on_two_workers_by_the_answer_letters_logits(
+    ray_cluster, trained_sft, engine, tmp_path
+):  # fmt: skip
+    from inference.benchmarks import CHOICES, load_subjects
+    from inference.evaluate import eval_rows
+
+    results = tmp_path / "scores"
+    raw = {**trained_sft.config, "task": "mmlu_test", "task_dir": DEMO_TASKS, "n_shot": 2, "batch_size": 3,
+           "save_dir": str(results), "seed": 3}  # fmt: skip
+    config = tmp_path / "eval.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    loom = os.path.join(os.path.dirname(sys.executable), "loom")
+    done = subprocess.run([loom, "eval", str(config), "--model-dir", trained_sft.output_dir], capture_output=True,
+                          text=True, timeout=600, env=ray_cluster.env())  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "12 questions on 2 worker(s)" in done.stdout and "Average:" in done.stdout
+    assert sorted(os.listdir(results)) == ["results.json", "results.log", "scores.json"]
+    predicted = json.loads((results / "results.json").read_text())
+    scores = json.loads((results / "scores.json").read_text())
+    # The same prompts scored here, one by one: the letter whose logit is highest after the prompt.
+    subjects, _ = load_subjects(os.path.join(DEMO_TASKS, "mmlu"), "mmlu", "test")
+    letters = [engine.tokenizer.encode(c, add_special_tokens=False)[-1] for c in CHOICES]
+    rows = eval_rows(infer_config(raw), subjects)
+    prompts = [engine.encode(Conversation(json.loads(r["messages"]))) for r in rows]
+    alone = [CHOICES[int(engine.next_token_logits([p])[0, letters].argmax())] for p in prompts]
+    assert [predicted[r["subject"]][str(r["index"])] for r in rows] == alone
+    batched = engine.next_token_logits(prompts[:3])  # left-padded rows score as they do alone
+    assert all((batched[i] - engine.next_token_logits([p])[0]).abs().max() < 1e-4 for i, p in enumerate(prompts[:3]))
+    right = sum(a == r["answer"] for a, r in zip(alone, rows, strict=True))
+    assert scores["categories"]["Average"] == {"accuracy": round(100 * right / 12, 2), "questions": 12}
+    assert set(scores["categories"]) == {"Average", "STEM", "Social Sciences", "Humanities"}
+    assert (results / "results.log").read_text().splitlines()[0].strip().startswith("Average:")
+    again = subprocess.run([loom, "eval", str(config), "--model-dir", trained_sft.output_dir], capture_output=True,
+                           text=True, timeout=300, env=ray_cluster.env())  # fmt: skip
+    assert again.returncode != 0 and "save_dir" in again.stderr and "already exists" in again.stderr
+    assert "Traceback" not in again.stderr
