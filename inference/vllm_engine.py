@@ -51,10 +51,7 @@ class VllmEngine(EngineBase):
         from vllm import AsyncEngineArgs, AsyncLLMEngine
 
         super().__init__(cfg, source)
-        self.can_score = False  # scoring reads the value head, which vLLM does not load: use huggingface
-        self._ids = itertools.count()
-        self._loop = asyncio.new_event_loop()
-        threading.Thread(target=self._loop.run_forever, daemon=True, name="vllm-loop").start()
+        self._start_loop()
         args = AsyncEngineArgs(
             model=source.base, tokenizer=source.tokenizer, dtype=VLLM_DTYPES[cfg.infer_dtype],
             max_model_len=cfg.vllm_maxlen, gpu_memory_utilization=cfg.vllm_gpu_util,
@@ -67,6 +64,12 @@ class VllmEngine(EngineBase):
             from vllm.lora.request import LoRARequest
 
             self._lora = LoRARequest("default", 1, source.adapters[-1])
+
+    def _start_loop(self) -> None:
+        self.can_score = False  # scoring reads the value head, which vLLM does not load: use huggingface
+        self._ids = itertools.count()
+        self._loop = asyncio.new_event_loop()
+        threading.Thread(target=self._loop.run_forever, daemon=True, name="vllm-loop").start()
 
     def _params(self, sampling: Sampling, prompt_len: int) -> Any:
         from vllm import SamplingParams
@@ -95,11 +98,10 @@ class VllmEngine(EngineBase):
         futures = [asyncio.run_coroutine_threadsafe(self._final(ids, sampling), self._loop) for ids in prompts]
         replies = []
         for ids, future in zip(prompts, futures, strict=True):
+            budget = sampling.new_tokens(len(ids))
             for choice in future.result().outputs:
-                new = list(choice.token_ids)
-                replies.append(
-                    finished_reply(self.template, choice.text, len(ids), new, self.stop_ids, sampling, tools)
-                )
+                replies.append(finished_reply(self.template, choice.text, len(ids), list(choice.token_ids), budget,
+                                              self.stop_ids, sampling, tools))  # fmt: skip
         return replies
 
     def stream(self, conversation: Conversation, sampling: Sampling, cancel: threading.Event | None = None

@@ -440,3 +440,26 @@ def test_loom_eval_scores_the_demo_benchmark_on_two_workers_by_the_answer_letter
                            text=True, timeout=300, env=ray_cluster.env())  # fmt: skip
     assert again.returncode != 0 and "save_dir" in again.stderr and "already exists" in again.stderr
     assert "Traceback" not in again.stderr
+
+
+def test_do_predict_after_loom_train_writes_the_predictions_of_what_it_trained(ray_cluster, tiny_model, tmp_path):
+    from tests.conftest import _small_run
+    from tests.helpers import DEMO_DATA
+
+    raw = _small_run(tiny_model, tmp_path, dataset="loom_demo_sft", max_samples=8, max_steps=2, save_steps=2,
+                     do_predict=True, predict_with_generate=True, eval_dataset="loom_demo_sft",
+                     per_device_eval_batch_size=4, do_sample=False, max_new_tokens=8)  # fmt: skip
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    loom = os.path.join(os.path.dirname(sys.executable), "loom")
+    done = subprocess.run([loom, "train", str(config)], capture_output=True, text=True, timeout=600,
+                          env=ray_cluster.env())  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "out"
+    rows = [json.loads(line) for line in (out / "generated_predictions.jsonl").read_text().splitlines()]
+    results = json.loads((out / "predict_results.json").read_text())
+    assert len(rows) == 8 == results["predict_samples"] and "predict_bleu-4" in results
+    trained = open_engine(infer_config(raw), str(out))  # the adapter this run just wrote
+    assert trained.source.adapters == (str(out),)
+    first = json.loads((DEMO_DATA / "loom_demo_sft.json").read_text())[0]
+    assert rows[0]["predict"] == trained.chat(ask(first["instruction"]), Sampling.from_config(trained.cfg))[0].text
