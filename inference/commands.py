@@ -56,7 +56,17 @@ def run_predict(cfg: Any, model_dir: str | None = None, source_name: str = "conf
         raise ConfigError(problems, source=source_name)
     source = resolve_source(cfg, model_dir)
     connect(address)
+    _wait_for_room(cfg)
     return predict(cfg, source, source_name)
+
+
+def _wait_for_room(cfg: Any) -> None:
+    """The model actors' bundles can be held now (a busy cluster is refused after ray_placement_wait_s, as for
+    training, instead of a map that waits for actors without end)."""
+    from orchestrator.launch import check_free
+    from orchestrator.plan import make_plan
+
+    check_free(make_plan(cfg), cfg.ray_placement_wait_s)
 
 
 def export(cfg: Any, model_dir: str | None = None, source_name: str = "config") -> tuple[ModelSource, str]:
@@ -78,7 +88,7 @@ def run_serve(cfg: Any, model_dir: str | None, source_name: str, address: str | 
     Returns the URL; the app stays up until `serve_until_stopped` ends (or, detached, until `loom serve --stop`)."""
     from dataclasses import replace
 
-    from orchestrator.launch import cluster_nodes, connect
+    from orchestrator.launch import check_free, cluster_nodes, connect
     from orchestrator.plan import make_plan, placement_problems
     from orchestrator.preflight import model_problems
 
@@ -99,6 +109,7 @@ def run_serve(cfg: Any, model_dir: str | None, source_name: str, address: str | 
     if missing:
         raise ConfigError([Problem("resources_per_worker", f"{m} (one bundle per replica)") for m in missing],
                           source=source_name)  # fmt: skip
+    check_free(bundles, cfg.ray_placement_wait_s)  # Serve would wait for replicas without end
     return deploy(cfg, source, settings, scale)
 
 
@@ -119,4 +130,5 @@ def run_eval(cfg: Any, model_dir: str | None = None, source_name: str = "config"
         raise ConfigError(problems, source=source_name)
     source = resolve_source(cfg, model_dir)
     connect(address)
+    _wait_for_room(cfg)
     return evaluate(cfg, source, subjects)

@@ -86,7 +86,8 @@ class EngineBase:
         self.cfg, self.source = cfg, source
         self.tokenizer = load_tokenizer(replace(TokenizerSpec.from_config(cfg), path=source.tokenizer))
         self.template = resolve_template(template_name(cfg), tool_format=cfg.tool_format,
-                                         default_system=cfg.default_system)  # fmt: skip
+                                         default_system=cfg.default_system,
+                                         enable_thinking=cfg.enable_thinking)  # fmt: skip
         self.stop_ids = stop_token_ids(self.tokenizer, self.template)
 
     def encode(self, conversation: Conversation) -> list[int]:

@@ -103,6 +103,7 @@ def deploy(cfg: Any, source: ModelSource, settings: ApiSettings, scale: ReplicaS
     deployment = serve.deployment(
         serve.ingress()(ApiReplica), name="LoomApi", ray_actor_options=actor_options(cfg),
         max_constructor_retry_count=2,  # a replica that cannot load its model fails the command, not 20 retries
+        logging_config={"log_level": "INFO" if settings.verbose else "WARNING", "enable_access_log": settings.verbose},
         **scale.deployment_options(settings),
     )  # fmt: skip
     serve.run(deployment.bind(cfg, source, settings, Sampling.from_config(cfg)), name=APP_NAME, route_prefix="/")
@@ -141,7 +142,8 @@ def serve_until_stopped(poll_s: float = 1.0) -> None:
     def stop(*_: Any) -> None:
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, stop)
+    for number in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: a shell starts `loom serve &` with it ignored
+        signal.signal(number, stop)
     try:
         while True:
             time.sleep(poll_s)

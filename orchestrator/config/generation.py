@@ -20,4 +20,9 @@ class GenerationArgs(BaseModel):
     repetition_penalty: float = param(1.0, "Penalty on repeated tokens; above 1.0 discourages repetition.", gt=0)
     length_penalty: float = param(1.0, "Beam search length penalty; positive favours longer outputs.")
     default_system: str | None = param(None, "System message used when a conversation has none.")
+    enable_thinking: bool = param(
+        True, "Reasoning templates (qwen3, deepseekr1, ...): True lets the model think first (an empty thought goes "
+        "to the answer in training); False puts an empty thought in the prompt so it answers at once, and drops "
+        "earlier thoughts. LLaMA-Factory's later key of the same name.", source="loom",
+    )  # fmt: skip
     skip_special_tokens: bool = param(True, "Drop special tokens when decoding the output.")

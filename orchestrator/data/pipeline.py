@@ -55,6 +55,7 @@ class TokenizeJob:
     tool_format: str | None
     default_system: str | None
     seed: int
+    enable_thinking: bool = True
 
     @classmethod
     def from_config(cls, cfg: Any) -> TokenizeJob:
@@ -74,6 +75,7 @@ class TokenizeJob:
             tool_format=cfg.tool_format,
             default_system=cfg.default_system,
             seed=cfg.shuffle_seed(),
+            enable_thinking=cfg.enable_thinking,
         )
 
     @property
@@ -91,7 +93,7 @@ def tokenize_batch(batch: pa.Table, *, spec: DatasetSpec, job: TokenizeJob) -> p
     """One Ray Data batch: raw rows -> canonical examples -> token ids, plus one bookkeeping row."""
     tokenizer = for_data(load_tokenizer(job.tokenizer))
     template = resolve_template(job.tokenizer.template, tool_format=job.tool_format,
-                                default_system=job.default_system)  # fmt: skip
+                                default_system=job.default_system, enable_thinking=job.enable_thinking)  # fmt: skip
     examples = [convert(row, spec, job.stage) for row in batch.to_pylist()]
     processed = PROCESSORS[job.processor](tokenizer, template, examples, job.options)
     columns = processed.columns

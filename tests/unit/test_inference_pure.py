@@ -193,3 +193,16 @@ def test_serve_replica_counts_and_autoscaling_bounds(model_dir):
     assert "--replicas: given 5; between --min-replicas (1) and --max-replicas (4)" in str(refused.value)
     with pytest.raises(ConfigError, match="--min-replicas: given 0"):
         ReplicaScale.resolve(cfg, 2, 0, 4)
+
+
+@pytest.mark.parametrize("thinking", [True, False])
+def test_enable_thinking_reaches_the_engines_prompt_and_the_data_layer(tiny_model, thinking):
+    from inference.engine import Conversation, EngineBase
+    from orchestrator.data.pipeline import TokenizeJob
+
+    cfg = validate_config({"model_name_or_path": tiny_model, "template": "qwen3", "enable_thinking": thinking,
+                           "dataset": "loom_demo_sft"}, purpose="data")  # fmt: skip
+    engine = EngineBase(cfg, model_source(cfg, None))
+    prompt = engine.tokenizer.decode(engine.encode(Conversation([{"role": "user", "content": "hi"}])))
+    assert prompt.endswith("<think>\n\n</think>\n\n") is (not thinking)  # off: answer at once, no thinking
+    assert TokenizeJob.from_config(cfg).enable_thinking is thinking
