@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -17,6 +19,24 @@ def tiny_config(tiny_model: str, **extra):
     raw = {"model_name_or_path": tiny_model, "dataset": "loom_demo_sft", "dataset_dir": str(DEMO_DATA),
            "template": "default", "resources_per_worker": {"CPU": 1}}  # fmt: skip
     return validate_config({**raw, **extra})
+
+
+@contextmanager
+def cpus_held(count: int) -> Iterator[None]:
+    """An actor of "another job" holds `count` CPUs of the connected cluster while the block runs."""
+    import ray
+
+    @ray.remote(num_cpus=count)
+    class Hog:
+        def ready(self) -> bool:
+            return True
+
+    hog = Hog.remote()
+    ray.get(hog.ready.remote())
+    try:
+        yield
+    finally:
+        ray.kill(hog)
 
 
 class CharTokenizer:

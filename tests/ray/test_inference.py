@@ -468,25 +468,15 @@ def test_do_predict_after_loom_train_writes_the_predictions_of_what_it_trained(r
 def test_batch_commands_on_a_cluster_whose_cpus_another_job_holds_stop_after_the_wait(ray_cluster, trained_sft,
                                                                                        tmp_path):  # fmt: skip
     """predict and eval map over model actors: without the check they would wait for CPUs without end."""
-    import ray
-
     from inference.commands import run_eval, run_predict
     from orchestrator.errors import PlanError
+    from tests.helpers import cpus_held
 
-    @ray.remote(num_cpus=4)
-    class Hog:
-        def ready(self) -> bool:
-            return True
-
-    hog = Hog.remote()
-    ray.get(hog.ready.remote())
     raw = {**trained_sft.config, "ray_placement_wait_s": 2, "eval_dataset": "loom_demo_sft",
            "output_dir": str(tmp_path / "predict"), "task": "mmlu_test", "task_dir": DEMO_TASKS,
            "save_dir": str(tmp_path / "scores")}  # fmt: skip
-    try:
+    with cpus_held(4):
         for command in (run_predict, run_eval):
             with pytest.raises(PlanError, match=r"could not be reserved within 2 s \(ray_placement_wait_s\)"):
                 command(infer_config(raw), trained_sft.output_dir)
-    finally:
-        ray.kill(hog)
     assert not os.path.exists(tmp_path / "predict") and not os.path.exists(tmp_path / "scores")

@@ -131,21 +131,11 @@ def test_a_cluster_whose_cpus_another_job_holds_fails_fast_with_what_is_missing(
     and then Ray Train would wait for them without end."""
     import time
 
-    import ray
+    from tests.helpers import cpus_held
 
-    @ray.remote(num_cpus=4)
-    class Hog:
-        def ready(self) -> bool:
-            return True
-
-    hog = Hog.remote()
-    ray.get(hog.ready.remote())
     started = time.monotonic()
-    try:
-        with pytest.raises(PlanError) as refused:
-            run(train_config(ray_placement_wait_s=2), ray_cluster)
-    finally:
-        ray.kill(hog)
+    with cpus_held(4), pytest.raises(PlanError) as refused:
+        run(train_config(ray_placement_wait_s=2), ray_cluster)
     message = str(refused.value)
     assert "could not be reserved within 2 s (ray_placement_wait_s)" in message, message
     assert "no CPU came free within 2 s to prepare the data" in message and "Free now:" in message, message
