@@ -83,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     data = commands.add_parser("data", help="prepare (and cache) the datasets without training; print a summary")
     _config_args(data)
     data.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
+    status = commands.add_parser("status", help="a run's state from its storage: steps, checkpoints, metrics, nodes")
+    status.add_argument("run", help="the run's config, or its run directory (ray_storage_path/ray_run_name, or a URI)")
+    status.add_argument("--json", action="store_true", help="print it as JSON")
+    plot = commands.add_parser("plot", help="draw a run's loss and metric curves (PNG) from its trainer_log.jsonl")
+    plot.add_argument("run", help="a run's output_dir, or the config that trained it")
+    plot.add_argument("--out", help="folder for the PNGs (default: the output_dir itself)")
     commands.add_parser("features", help="print docs/FEATURES.md (every parameter and its status)")
     tune = commands.add_parser("tune", help="run a sweep: trials of a base config over a search space (Ray Tune)")
     tune.add_argument("sweep", help="sweep YAML: base config, search_space, metric, mode, search_alg, scheduler")
@@ -324,6 +330,40 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from .status import describe, run_status
+
+    if os.path.isfile(args.run):
+        from .config import load_config
+        from .plan import make_plan
+        from .storage import storage_filesystem
+
+        cfg = load_config(args.run, [], purpose="infer")
+        plan = make_plan(cfg)
+        status = run_status(plan.run_dir, storage_filesystem(cfg), plan.output_dir)
+    else:
+        status = run_status(args.run if "://" in args.run else os.path.abspath(args.run))
+    print(json.dumps(status.to_dict(), indent=2) if args.json else describe(status))
+    return 0 if status.exists or status.marker else 3
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .plots import LOG_NAME, plot_log
+
+    folder = args.run
+    if os.path.isfile(folder):
+        from .config import load_config
+        from .plan import make_plan
+
+        folder = make_plan(load_config(folder, [], purpose="infer")).output_dir
+    if not os.path.isfile(os.path.join(folder, LOG_NAME)):
+        raise ConfigError([Problem("run", f"{folder} has no {LOG_NAME}: give a run's output_dir (where rank 0 "
+                                          "writes the log) or the config that trained it")])  # fmt: skip
+    for path in plot_log(folder, out_dir=args.out):
+        print(path)
+    return 0
+
+
 def cmd_tiny_model(args: argparse.Namespace) -> int:
     from .tiny import build_tiny_model
 
@@ -367,6 +407,8 @@ COMMANDS = {
     "predict": cmd_predict,
     "tiny-model": cmd_tiny_model,
     "features": cmd_features,
+    "plot": cmd_plot,
+    "status": cmd_status,
     "data": cmd_data,
     "tune": cmd_tune,
 }

@@ -96,7 +96,7 @@ def trained_sft(ray_cluster, tiny_model, tmp_path_factory) -> TrainedRun:
     """One LoRA sft run of the tiny model, trained once for every test that only needs a trained model (chat, api,
     serve, predict, export): 12 steps on the demo set, a checkpoint every 6."""
     raw = _small_run(tiny_model, tmp_path_factory.mktemp("trained-sft"), dataset="loom_demo_sft", max_samples=128,
-                     max_steps=12, save_steps=6, do_sample=False, max_new_tokens=16)  # fmt: skip
+                     max_steps=12, save_steps=6, do_sample=False, max_new_tokens=16, plot_loss=True)  # fmt: skip
     return _train_once(ray_cluster, raw)
 
 

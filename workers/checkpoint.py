@@ -97,11 +97,13 @@ def save_checkpoint(
     weights: dict[str, torch.Tensor] | None = None,
     components: dict[str, Any] | None = None,
     other_ranks_files: dict[str, int] | None = None,
+    workers: list[dict[str, Any]] | None = None,
 ) -> None:
     """Rank 0's part of a checkpoint: the model's own files (`weights` when gathered from shards; a model with a
     value head writes it beside them), each named component (`scheduler`, `stage_state`, ...) as `<name>.pt`, RNG,
     state, and the manifest last. Optimizer state is already in the folder (written by the strategy);
-    `other_ranks_files` are the files other ranks wrote into their own folders, which Ray merges into this one."""
+    `other_ranks_files` are the files other ranks wrote into their own folders, which Ray merges into this one;
+    `workers` (rank -> node of this attempt) goes into the manifest for `loom status`."""
     os.makedirs(folder, exist_ok=True)
     model.save_pretrained(os.path.join(folder, "model"), state_dict=weights, safe_serialization=True)
     for name, value in (components or {}).items():
@@ -111,7 +113,8 @@ def save_checkpoint(
         json.dump(asdict(state), handle, indent=2)
     files = {**(other_ranks_files or {}), **list_files(folder)}
     with open(os.path.join(folder, MANIFEST), "w", encoding="utf-8") as handle:
-        json.dump({"format": 1, "step": state.global_step, "files": files}, handle, indent=2)
+        json.dump({"format": 1, "step": state.global_step, "files": files, "workers": workers or []}, handle,
+                  indent=2)  # fmt: skip
 
 
 def load_component(folder: str, name: str) -> Any | None:

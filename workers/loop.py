@@ -323,7 +323,7 @@ class StageRunner:
             others = {name: size for files in written[1:] for name, size in files.items()}
             components = {"scheduler": self.scheduler.state_dict(), "stage_state": self.stage.state_dict()}
             save_checkpoint(folder, self.strategy.module, self.state, rng_states, weights=weights,
-                            components=components, other_ranks_files=others)  # fmt: skip
+                            components=components, other_ranks_files=others, workers=self.placement)  # fmt: skip
         return folder
 
     def finish(self) -> None:
@@ -335,6 +335,10 @@ class StageRunner:
             model.save_pretrained(self.plan.output_dir, state_dict=weights, safe_serialization=True)
             self.tokenizer.save_pretrained(self.plan.output_dir)
             self._write_marker("finished")
+            if self.cfg.plot_loss:  # drawn where the log is: rank 0's output_dir
+                from orchestrator.plots import plot_log
+
+                plot_log(self.plan.output_dir, self.cfg.stage)
         self.ctx.barrier()
 
     def _write_marker(self, status: str) -> None:

@@ -17,11 +17,10 @@ class FinetuningArgs(BaseModel):
     pure_bf16: bool = param(False, "Keep weights and activations in bf16 without mixed-precision autocast.")
     compute_accuracy: bool = not_yet(False, "Compute token-level accuracy during evaluation.")
     disable_shuffling: bool = param(False, "Read the training set in order instead of shuffling it.")
-    plot_loss: bool = not_yet(
-        False,
-        "Save a plot of the training loss curve.",
-        "loss plots are not drawn yet; trainer_log.jsonl has the numbers",
-    )
+    plot_loss: bool = param(
+        False, "When the run ends, draw training_loss.png (with a smoothed curve), training_eval_loss.png and the "
+        "stage's metrics into output_dir (`loom plot` draws them at any time)."
+    )  # fmt: skip
     include_effective_tokens_per_second: bool = param(
         False, "Log effective (non-padding) tokens per second in trainer_log.jsonl."
     )

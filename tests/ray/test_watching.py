@@ -1,0 +1,48 @@
+"""Watching a run: what a finished Ray run leaves for people to look at (tests/conftest.py: trained_sft)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from PIL import Image
+
+
+def test_plot_loss_draws_the_curves_on_rank_0_when_the_run_ends(trained_sft):
+    out = trained_sft.output_dir
+    steps = [json.loads(line)["step"] for line in open(os.path.join(out, "trainer_log.jsonl"), encoding="utf-8")]
+    assert steps == list(range(1, 13))
+    pngs = sorted(name for name in os.listdir(out) if name.endswith(".png"))
+    assert pngs == ["training_loss.png"]  # sft without an eval set logs the loss only
+    with Image.open(os.path.join(out, "training_loss.png")) as image:
+        assert image.format == "PNG" and image.size == (640, 400)
+    marker = json.load(open(os.path.join(out, "loom_run.json"), encoding="utf-8"))
+    assert marker["status"] == "finished"  # drawn after the model and the marker were written
+
+
+def test_loom_status_reads_steps_checkpoints_metrics_and_nodes_from_the_runs_storage(trained_sft, tmp_path, capsys):
+    import shutil
+
+    import yaml
+
+    from orchestrator.cli import main
+
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(trained_sft.config))
+    assert main(["status", str(config)]) == 0
+    shown = capsys.readouterr().out
+    assert "state        finished" in shown and "steps        12 of 12 in checkpoint-000012" in shown
+    assert "checkpoints  2: 000006, 000012" in shown and "logged       step 12" in shown
+    assert "workers      2 on 1 node: rank 0 on" in shown
+    log = [json.loads(line) for line in open(os.path.join(trained_sft.output_dir, "trainer_log.jsonl"))]
+    assert main(["status", trained_sft.run_dir, "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["metrics"]["loss"] == log[-1]["loss"] and status["step"] == 12 == status["total_steps"]
+    assert [c["complete"] for c in status["checkpoints"]] == [True, True] and len(status["workers"]) == 2
+    copy = tmp_path / "copy"
+    shutil.copytree(trained_sft.run_dir, copy)
+    os.remove(copy / "checkpoint-000006" / "optimizer.pt")  # a checkpoint whose upload was cut short
+    assert main(["status", str(copy)]) == 0
+    assert "checkpoints  2: 000006 (incomplete), 000012" in capsys.readouterr().out
+    assert main(["status", str(tmp_path / "never")]) == 3
+    assert "no run at" in capsys.readouterr().out
