@@ -9,10 +9,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from orchestrator.console import quiet_process
 from orchestrator.errors import ConfigError, Problem
 
 from .backends import load_engine
-from .engine import Conversation, Engine, Sampling, quiet_transformers
+from .engine import Conversation, Engine, Sampling
 from .source import ModelSource, default_model_dir, model_source
 from .vllm_engine import backend_problems
 
@@ -37,7 +38,7 @@ def open_engine(cfg: Any, model_dir: str | None = None, source_name: str = "conf
     if problems:
         raise ConfigError(problems, source=source_name)
     source = resolve_source(cfg, model_dir)
-    quiet_transformers()
+    quiet_process()
     return load_engine(cfg, source, for_export)
 
 

@@ -20,7 +20,7 @@ from workers.generation import Sampling, generate_kwargs
 
 from .source import ModelSource
 
-__all__ = ["Conversation", "Engine", "EngineBase", "HuggingFaceEngine", "Reply", "Sampling", "quiet_transformers"]
+__all__ = ["Conversation", "Engine", "EngineBase", "HuggingFaceEngine", "Reply", "Sampling"]
 
 INFER_DTYPES = {"auto": "float32", "float16": "float16", "bfloat16": "bfloat16", "float32": "float32"}
 
@@ -250,14 +250,3 @@ def held_back(chunks: Iterator[str], stop: tuple[str, ...], cancel: threading.Ev
             pending = pending[ready:]
     if pending:
         yield pending
-
-
-def quiet_transformers() -> None:
-    """transformers' weight-loading progress bars are not Loom's lines (LOOM_VERBOSITY=info brings them back)."""
-    import os
-
-    from transformers.utils import logging as hf_logging
-
-    if os.environ.get("LOOM_VERBOSITY", "").lower() not in ("debug", "info"):
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()

@@ -100,9 +100,11 @@ class ChoiceScorer:
     """One model actor: encodes each conversation with the chat template and picks the likeliest answer letter."""
 
     def __init__(self, cfg: Any, source: ModelSource):
-        from .engine import Conversation, HuggingFaceEngine, quiet_transformers
+        from orchestrator.console import quiet_process
 
-        quiet_transformers()
+        from .engine import Conversation, HuggingFaceEngine
+
+        quiet_process()
         self.engine = HuggingFaceEngine(cfg, source)
         self.conversation = Conversation
         # The last token of each letter's encoding: a tokenizer that merges a leading space still ends in the letter.

@@ -16,11 +16,12 @@ import time
 from typing import Any
 
 from orchestrator.config.values import split_csv
+from orchestrator.console import quiet_process
 from orchestrator.errors import ConfigError, Problem
 
 from .actors import on_model_actors
 from .backends import load_engine
-from .engine import Sampling, quiet_transformers
+from .engine import Sampling
 from .metrics import similarity
 from .source import ModelSource
 
@@ -40,7 +41,7 @@ class Predictor:
     """One model actor: loads the engine once, then answers batches of prompt ids."""
 
     def __init__(self, cfg: Any, source: ModelSource):
-        quiet_transformers()
+        quiet_process()
         self.engine = load_engine(cfg, source)
         self.sampling = Sampling.from_config(cfg).updated(num_beams=cfg.eval_num_beams)
 

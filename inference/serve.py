@@ -12,11 +12,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from orchestrator.console import quiet_process
 from orchestrator.errors import ConfigError, Problem
 
 from .api import ApiSettings, build_app
 from .backends import load_engine
-from .engine import Sampling, quiet_transformers
+from .engine import Sampling
 from .source import ModelSource
 
 APP_NAME = "loom-api"
@@ -70,7 +71,7 @@ class ApiReplica:
     def __init__(self, cfg: Any, source: ModelSource, settings: ApiSettings, base: Sampling):
         from ray import serve
 
-        quiet_transformers()
+        quiet_process()
         self._app = build_app(load_engine(cfg, source), settings, base)
         replica = serve.get_replica_context().replica_id.unique_id
 

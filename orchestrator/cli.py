@@ -417,6 +417,10 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        from .console import check_verbosity, quiet_process
+
+        check_verbosity()
+        quiet_process()
         return COMMANDS[args.command](args)
     except LoomError as error:
         print(f"loom {args.command}: {error}", file=sys.stderr)

@@ -60,7 +60,12 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS")
-    quiet = {"log_to_driver": True, "logging_level": logging.WARNING, "runtime_env": {"env_vars": forwarded_env()}}
+    from .console import SETUP_HOOK, quiet_process
+
+    quiet_process()
+    # Every process of the job (workers, Ray Train's controller, Ray Data's tasks) applies LOOM_VERBOSITY first.
+    runtime_env = {"env_vars": forwarded_env(), "worker_process_setup_hook": SETUP_HOOK}
+    quiet = {"log_to_driver": True, "logging_level": logging.WARNING, "runtime_env": runtime_env}
     if address:
         ray.init(address=address, **quiet)
         started = False
@@ -77,8 +82,9 @@ def _quiet_ray_data() -> None:
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = sys.stderr.isatty()  # a live bar for people, none in logs and CI
     context.print_on_execution_start = False
-    for name in ("ray.data", "ray.train", "ray.tune"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    from .console import quiet_process
+
+    quiet_process()  # again: importing Ray Data set its loggers' levels
 
 
 def cluster_nodes() -> list[dict[str, float]]:
@@ -286,9 +292,12 @@ def prepare_only(cfg: Any, source: str = "config", address: str | None = None,
 
 def fit(cfg: Any, plan: RunPlan, data: Any, callbacks: list | None = None) -> Any:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import LoggingConfig as TrainLoggingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from workers.entry import train_loop_per_worker
+
+    from . import console
 
     # A materialized training set goes to every worker whole (its block references), so that each rank's rows are
     # a pure function of the seed, epoch, rank and position (workers/order.py); a streamed one is split by Ray Data.
@@ -319,6 +328,8 @@ def fit(cfg: Any, plan: RunPlan, data: Any, callbacks: list | None = None) -> An
             failure_config=FailureConfig(max_failures=plan.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=plan.checkpoints_to_keep),
             callbacks=callbacks,
+            # Ray Train's controller and workers filter its own records by this (LOOM_VERBOSITY).
+            logging_config=TrainLoggingConfig(log_level=logging.getLevelName(console.level())),
         ),
         datasets=datasets,
     )

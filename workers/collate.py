@@ -5,15 +5,24 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 IGNORE_INDEX = -100
 
 
+def as_ids(row: Sequence[int]) -> torch.Tensor:
+    """A row of token ids as a tensor. Ray Data hands rows out as read-only NumPy views, which torch cannot share
+    safely (it warns on every batch): those are copied, a row being at most cutoff_len ids."""
+    if isinstance(row, np.ndarray) and not row.flags.writeable:
+        row = row.copy()
+    return torch.as_tensor(row, dtype=torch.long)
+
+
 def _padded(rows: Sequence[Sequence[int]], width: int, fill: int) -> torch.Tensor:
     out = torch.full((len(rows), width), fill, dtype=torch.long)
     for index, row in enumerate(rows):
-        out[index, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+        out[index, : len(row)] = as_ids(row)
     return out
 
 
@@ -92,8 +101,8 @@ def pad_experience(prompts: Sequence[Sequence[int]], responses: Sequence[Sequenc
     ids = torch.full((len(prompts), width + length), pad_token_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for row, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
-        ids[row, width - len(prompt) : width] = torch.as_tensor(prompt, dtype=torch.long)
-        ids[row, width : width + len(response)] = torch.as_tensor(response, dtype=torch.long)
+        ids[row, width - len(prompt) : width] = as_ids(prompt)
+        ids[row, width : width + len(response)] = as_ids(response)
         mask[row, width - len(prompt) : width + len(response)] = 1
     batch = {
         "input_ids": ids,
@@ -116,7 +125,7 @@ def left_pad(rows: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Te
     ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for index, row in enumerate(rows):
-        ids[index, width - len(row) :] = torch.as_tensor(row, dtype=torch.long)
+        ids[index, width - len(row) :] = as_ids(row)
         mask[index, width - len(row) :] = 1
     return ids, mask
 

@@ -125,7 +125,7 @@ def _read_parts(
         fn_kwargs={"file_type": file_type, "indexed": indexed},
         batch_size=1,
         batch_format="pyarrow",
-        **(remote_args or {}),
+        **(remote_args or {}),  # named task options, e.g. label_selector: pinned to the files' node
     )
 
 

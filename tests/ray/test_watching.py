@@ -46,3 +46,45 @@ def test_loom_status_reads_steps_checkpoints_metrics_and_nodes_from_the_runs_sto
     assert "checkpoints  2: 000006 (incomplete), 000012" in capsys.readouterr().out
     assert main(["status", str(tmp_path / "never")]) == 3
     assert "no run at" in capsys.readouterr().out
+
+
+NOISE = ("Reporting training result", "TrainingReport(", "RayDeprecationWarning", "is not writable",
+         "is_gradient_checkpointing", "Setting accelerator to CPU", "Progress bars disabled", "execution finished",
+         "Requesting resources", "Started training worker group", "Loading weights", "Writing model shards",
+         "Traceback")  # fmt: skip
+
+
+def test_the_console_shows_loom_lines_and_a_verbosity_brings_the_libraries_back(ray_cluster, tiny_model, tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.conftest import _small_run
+
+    def train(folder: str, **env: str) -> str:
+        raw = _small_run(tiny_model, tmp_path / folder, dataset="loom_demo_sft", max_samples=32, max_steps=4,
+                         save_steps=2, val_size=0.25, eval_steps=2, eval_strategy="steps")  # fmt: skip
+        config = tmp_path / f"{folder}.yaml"
+        config.write_text(yaml.safe_dump(raw))
+        loom = os.path.join(os.path.dirname(sys.executable), "loom")
+        done = subprocess.run([loom, "train", str(config)], capture_output=True, text=True, timeout=600,
+                              env={**ray_cluster.env(), **env})  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout + done.stderr
+
+    quiet = train("quiet")
+    assert "final         " in quiet and "checkpoint    " in quiet  # Loom's own lines
+    assert [line for line in quiet.splitlines() if any(noise in line for noise in NOISE)] == []
+    loud = train("loud", LOOM_VERBOSITY="info")
+    assert "Reporting training result" in loud and "Started training worker group" in loud
+
+
+def test_a_verbosity_that_is_not_a_level_is_refused_naming_the_variable(monkeypatch, capsys, tmp_path):
+    from orchestrator.cli import main
+
+    monkeypatch.delenv("LOOM_VERBOSITY", raising=False)
+    monkeypatch.setenv("LLAMAFACTORY_VERBOSITY", "loud")
+    assert main(["status", str(tmp_path)]) != 0
+    error = capsys.readouterr().err
+    assert "LLAMAFACTORY_VERBOSITY: given 'loud'; one of debug, info, warning, error" in error
