@@ -14,6 +14,7 @@ are false alarms of third-party code that Loom cannot change (each says why).
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import sys
@@ -99,10 +100,10 @@ def quiet_process() -> None:
     # Ray Data configures its loggers when imported, from this file when set: its console at warnings.
     os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", RAY_DATA_LOGGING)
     # Ray Train names the logger of its per-report line by its file's path, outside the "ray.train" tree.
-    import ray
-
-    train_context = os.path.join(os.path.dirname(ray.__file__), "train", "v2", "_internal", "execution", "context.py")
-    logging.getLogger(train_context).setLevel(wanted)
+    ray_spec = importlib.util.find_spec("ray")  # found, not imported: `loom plan` and friends stay light
+    if ray_spec and ray_spec.origin:
+        package = os.path.dirname(ray_spec.origin)
+        logging.getLogger(os.path.join(package, "train", "v2", "_internal", "execution", "context.py")).setLevel(wanted)
     # transformers reads these when it is imported: set here, a Ray Data task that never imports it pays nothing.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", logging.getLevelName(wanted).lower())
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # weight loading and saving bars
