@@ -27,7 +27,7 @@ class TrainOutcome:
     timings: dict[str, float]
 
 
-FORWARDED_PREFIXES = ("LOOM_", "HF_", "TRANSFORMERS_", "TOKENIZERS_", "DS_")
+FORWARDED_PREFIXES = ("LOOM_", "HF_", "TRANSFORMERS_", "TOKENIZERS_", "DS_", "LLAMAFACTORY_VERBOSITY", "RECORD_VRAM")
 
 
 # Ray Train's controller collects reports on this cadence (2 s by default), and a worker's report waits for it: with

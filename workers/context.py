@@ -44,6 +44,15 @@ class DistContext:
         dist.all_gather_object(out, obj)
         return out
 
+    def peak_memory_gb(self) -> float:
+        """This worker's peak memory on its device: the CUDA allocator's peak, or on a CPU worker the process's
+        peak resident set (its device memory is the host's)."""
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**30
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()

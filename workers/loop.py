@@ -43,6 +43,10 @@ from .trainlog import TrainerLog
 # Debug knob: seconds to sleep after each optimizer step, so failure tests can interrupt a run mid-way.
 STEP_DELAY_S = float(os.environ.get("LOOM_STEP_DELAY_S", "0"))
 
+# LLaMA-Factory's RECORD_VRAM: each logged step also records every worker's peak device memory (forwarded to the
+# workers by the driver, as LOOM_* variables are).
+RECORD_VRAM = os.environ.get("RECORD_VRAM", "").strip().lower() in ("1", "true", "yes", "on")
+
 
 class RunIO(Protocol):
     def batches(self, split: str, epoch: int) -> Iterator[dict[str, Any]]: ...
@@ -297,6 +301,8 @@ class StageRunner:
             )
             if self.cfg.include_effective_tokens_per_second:
                 metrics["effective_tokens_per_sec"] = round(tokens / max(elapsed, 1e-9), 2)
+            if RECORD_VRAM:  # every rank's peak so far, rank by rank (a collective: every rank logs at this step)
+                metrics["memory_peak_gb"] = [round(gb, 3) for gb in self.ctx.gather(self.ctx.peak_memory_gb())]
         if eval_now:
             for split in self.plan.eval_splits:  # "eval", or "eval_<dataset>" per dataset
                 metrics.update({f"{split}_{name}": value for name, value in self.evaluate(split).items()})

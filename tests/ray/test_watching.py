@@ -73,9 +73,13 @@ def test_the_console_shows_loom_lines_and_a_verbosity_brings_the_libraries_back(
         assert done.returncode == 0, done.stderr[-3000:]
         return done.stdout + done.stderr
 
-    quiet = train("quiet")
+    quiet = train("quiet", RECORD_VRAM="1")
     assert "final         " in quiet and "checkpoint    " in quiet  # Loom's own lines
     assert [line for line in quiet.splitlines() if any(noise in line for noise in NOISE)] == []
+    logged = [json.loads(line) for line in open(tmp_path / "quiet" / "out" / "trainer_log.jsonl") if '"loss"' in line]
+    peaks = [record["memory_peak_gb"] for record in logged]  # RECORD_VRAM: each rank's peak (RSS on CPU workers)
+    assert len(peaks) == 4 and all(len(p) == 2 and all(0.05 < gb < 16 for gb in p) for p in peaks)
+    assert all(list(rank) == sorted(rank) for rank in zip(*peaks, strict=True))  # a peak only grows
     loud = train("loud", LOOM_VERBOSITY="info")
     assert "Reporting training result" in loud and "Started training worker group" in loud
 
