@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .config.fields import Support
 from .config.schema import GROUPS
+from .environment import ENVIRONMENT
 
 HEADER = """# Loom features: every parameter and its status
 
@@ -49,5 +50,24 @@ def features_markdown() -> str:
                 f"| `{name}` | {_default(field.default)} | {status}{reason} | {extra.get('source', '')} | {doc} |"
             )
     summary = ", ".join(f"{n} {status}" for status, n in counts.items())
-    lines.insert(1, f"Totals: {summary}.\n")
-    return "\n".join(lines) + "\n"
+    variables = {s.value: sum(v.support is s for v in ENVIRONMENT) for s in Support}
+    lines.insert(1, f"Totals: {summary}; environment variables: "
+                    + ", ".join(f"{n} {status}" for status, n in variables.items()) + ".\n")  # fmt: skip
+    return "\n".join(lines + _environment_lines()) + "\n"
+
+
+def _environment_lines() -> list[str]:
+    lines = [
+        "\n## Environment variables\n",
+        "Every variable of LLaMA-Factory's surface (orchestrator/environment.py). Unlike a config key, a variable "
+        "marked **not yet** is not read by Loom at all yet: setting it changes nothing, and the driver does not "
+        "refuse it yet either (issue 13 wires each one or its refusal).\n",
+        "| variable | scope | status | what it does in Loom |",
+        "|---|---|---|---|",
+    ]
+    for var in ENVIRONMENT:
+        where = f" (read by `{var.read_by}`)" if var.read_by else ""
+        lines.append(
+            f"| `{var.name}` | {var.scope} | {var.support.value} | {var.doc.replace('|', chr(92) + '|')}{where} |"
+        )
+    return lines

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import yaml
 
@@ -57,3 +58,22 @@ def test_config_errors_exit_2_with_one_message(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "2 problems in" in err and "did you mean 'lora_rank'" in err and "did you mean 'sft'" in err
     assert "Traceback" not in err
+
+
+def test_every_environment_variable_of_the_surface_is_listed_and_each_working_one_is_read_where_it_says():
+    from orchestrator.environment import ENVIRONMENT
+
+    names = [var.name for var in ENVIRONMENT]
+    assert len(names) == len(set(names))
+    surface = REPO.parent / "shared" / "reference" / "PARAMETERS.md"
+    if surface.is_file():  # the seed's table of variables: rows "| `NAME` | scope | ..." after its heading
+        table = surface.read_text(encoding="utf-8").split("environment variables", 1)[1]
+        seed = re.findall(r"^\| `([A-Z_0-9]+)` \|", table, flags=re.M)
+        assert seed and sorted(seed) == sorted(names)
+    for var in ENVIRONMENT:
+        if var.support.value == "works" and var.read_by:
+            assert var.name in (REPO / var.read_by).read_text(encoding="utf-8"), var
+        elif var.support.value == "works":
+            assert "Ray" in var.doc, var  # honoured by Ray itself, and the doc says so
+    doc = (REPO / "docs" / "FEATURES.md").read_text()
+    assert all(f"| `{name}` |" in doc for name in names)
