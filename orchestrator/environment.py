@@ -88,7 +88,12 @@ ENVIRONMENT: tuple[EnvVar, ...] = (
         "Every rank's peak device memory (memory_peak_gb) in each logged line.",
         "workers/loop.py",
     ),  # fmt: skip
-    EnvVar("OPTIM_TORCH", "General", _NOT_YET, "An Ascend NPU optimisation switch: Loom has no NPU support."),
+    EnvVar(
+        "OPTIM_TORCH",
+        "General",
+        _NOT_YET,
+        "The seed's switch for a particular PyTorch optimisation: Loom does not read it yet.",
+    ),
     EnvVar("NPU_JIT_COMPILE", "General", _NOT_YET, "JIT compilation on Ascend NPUs: Loom has no NPU support."),
     EnvVar(
         "CUDA_VISIBLE_DEVICES",
