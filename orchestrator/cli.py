@@ -417,14 +417,26 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        from .console import check_verbosity, quiet_process
+        from .console import quiet_process
+        from .environment import check_environment
 
-        check_verbosity()
+        check_environment()
         quiet_process()
         return COMMANDS[args.command](args)
     except LoomError as error:
         print(f"loom {args.command}: {error}", file=sys.stderr)
         return error.exit_code
+
+
+def short_main(argv: list[str] | None = None) -> int:
+    """`lmf`, LLaMA-Factory's short command: the same as `loom` while ENABLE_SHORT_CONSOLE is on (the default)."""
+    from .environment import enabled
+
+    if not enabled(os.environ, "ENABLE_SHORT_CONSOLE", "1"):
+        given = os.environ.get("ENABLE_SHORT_CONSOLE")
+        print(f"lmf: turned off (ENABLE_SHORT_CONSOLE={given}); the command is `loom`", file=sys.stderr)
+        return 2
+    return main(argv)
 
 
 if __name__ == "__main__":

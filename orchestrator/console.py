@@ -20,7 +20,7 @@ import os
 import sys
 import warnings
 
-from .errors import ConfigError, Problem
+from .errors import Problem
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING, "warning": logging.WARNING,
           "error": logging.ERROR}  # fmt: skip
@@ -52,12 +52,6 @@ def level() -> int:
 
 def libraries_verbose() -> bool:
     return level() <= logging.INFO
-
-
-def check_verbosity() -> None:
-    problems = verbosity_problems()
-    if problems:
-        raise ConfigError(problems, source="the environment")
 
 
 # (logger, level at most shown) for lines that are the libraries' bookkeeping, not news for the user.
@@ -107,6 +101,7 @@ def quiet_process() -> None:
     # transformers reads these when it is imported: set here, a Ray Data task that never imports it pays nothing.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", logging.getLevelName(wanted).lower())
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # weight loading and saving bars
+    os.environ.setdefault("WANDB_SILENT", "true")  # wandb's banner and run summary (report_to: wandb)
     if "transformers" in sys.modules:  # already imported: tell it directly
         from transformers.utils import logging as hf_logging
 

@@ -6,9 +6,13 @@ marked `works` is read by the module named. Pure: no Ray, no torch.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
-from .config.fields import Support
+from .console import verbosity_problems
+from .errors import ConfigError, Problem
+from .support import Support
 
 
 @dataclass(frozen=True)
@@ -20,11 +24,10 @@ class EnvVar:
     read_by: str = ""  # the module that reads it (works), relative to the repository root; "" where Ray reads it
 
 
-_WORKS, _NOT_YET = Support.WORKS, Support.NOT_YET
-_TRACKERS = "trackers are not wired yet (issue 13)"
+_WORKS, _NOT_YET, _REFUSED = Support.WORKS, Support.NOT_YET, Support.REFUSED
 _BOARD = "`loom board` is not built yet (issue 13)"
-_TORCHRUN = ("Loom starts no torchrun: Ray Train places the workers and picks the rendezvous itself; "
-             "the mapping onto ray_num_workers or a refusal is not wired yet (issue 13)")  # fmt: skip
+_TORCHRUN = "refused: Loom starts no torchrun, Ray Train places the workers and picks the rendezvous; "
+_NPU = "refused: Loom has no NPU (Ascend) support."
 
 ENVIRONMENT: tuple[EnvVar, ...] = (
     EnvVar("API_HOST", "API", _WORKS, "Address `loom api` and `loom serve` listen on.", "inference/api.py"),
@@ -43,17 +46,26 @@ ENVIRONMENT: tuple[EnvVar, ...] = (
     EnvVar(
         "DISABLE_VERSION_CHECK",
         "General",
-        _NOT_YET,
-        "Skip the dependency version check at start: Loom pins "
-        "its versions in constraints.txt and runs no check, so there is nothing to skip yet.",
+        _WORKS,
+        "1 skips the start-up check that the installed torch, ray, transformers, peft, trl, ... meet Loom's "
+        "requirements (a mismatch is refused, naming the package, before anything starts).",
+        "orchestrator/environment.py",
     ),  # fmt: skip
-    EnvVar("FORCE_CHECK_IMPORTS", "General", _NOT_YET, "Check optional imports even when disabled: not wired yet."),
+    EnvVar(
+        "FORCE_CHECK_IMPORTS",
+        "General",
+        _NOT_YET,
+        "LLaMA-Factory skips transformers' import check of a remote-code model's files unless this is on. Loom "
+        "always runs that check (as FORCE_CHECK_IMPORTS=1 asks), so setting it changes nothing; the skip is not "
+        "built.",
+    ),
     EnvVar(
         "ALLOW_EXTRA_ARGS",
         "General",
-        _NOT_YET,
-        "Unknown keys dropped with a warning instead of refused: not "
-        "wired yet (issue 13); unknown keys are always refused today.",
+        _WORKS,
+        "1: a config key Loom does not know is dropped with a warning on stderr (naming it, with the closest known "
+        "key) instead of refused; every other check still applies.",
+        "orchestrator/config/loader.py",
     ),  # fmt: skip
     EnvVar(
         "LLAMAFACTORY_VERBOSITY",
@@ -66,20 +78,25 @@ ENVIRONMENT: tuple[EnvVar, ...] = (
     EnvVar(
         "USE_MODELSCOPE_HUB",
         "General",
-        _NOT_YET,
-        "Models and datasets from ModelScope: other hubs than Hugging Face are not supported yet.",
+        _WORKS,
+        "Datasets: an entry's ms_hub_url is used before its hf_hub_url (needs the modelscope package). "
+        "Models: a hub id is refused while it is on (ModelScope models are not loaded); give a local folder.",
+        "orchestrator/data/registry.py",
     ),  # fmt: skip
     EnvVar(
         "USE_OPENMIND_HUB",
         "General",
-        _NOT_YET,
-        "Models and datasets from Modelers (OpenMind): other hubs than Hugging Face are not supported yet.",
+        _WORKS,
+        "Datasets: an entry's om_hub_url is used before its hf_hub_url (needs the openmind package). "
+        "Models: a hub id is refused while it is on (Modelers (OpenMind) models are not loaded); give a local folder.",
+        "orchestrator/data/registry.py",
     ),  # fmt: skip
     EnvVar(
         "USE_RAY",
         "General",
-        _NOT_YET,
-        "Loom always runs on Ray (USE_RAY=1 is what it does); refusing USE_RAY=0 is not wired yet.",
+        _WORKS,
+        "Loom always runs on Ray: USE_RAY=1 is what it does, USE_RAY=0 is refused.",
+        "orchestrator/environment.py",
     ),  # fmt: skip
     EnvVar(
         "RECORD_VRAM",
@@ -91,10 +108,12 @@ ENVIRONMENT: tuple[EnvVar, ...] = (
     EnvVar(
         "OPTIM_TORCH",
         "General",
-        _NOT_YET,
-        "The seed's switch for a particular PyTorch optimisation: Loom does not read it yet.",
+        _WORKS,
+        "On unless 0, as in LLaMA-Factory: every worker gets PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True and "
+        "TORCH_NCCL_AVOID_RECORD_STREAMS=1 (values set on the driver win).",
+        "orchestrator/launch.py",
     ),
-    EnvVar("NPU_JIT_COMPILE", "General", _NOT_YET, "JIT compilation on Ascend NPUs: Loom has no NPU support."),
+    EnvVar("NPU_JIT_COMPILE", "General", _REFUSED, "JIT compilation on Ascend NPUs. " + _NPU),
     EnvVar(
         "CUDA_VISIBLE_DEVICES",
         "General",
@@ -102,16 +121,37 @@ ENVIRONMENT: tuple[EnvVar, ...] = (
         "Honoured by Ray: an embedded cluster offers only the GPUs it "
         "names, and Ray sets it in each worker to that worker's GPUs.",
     ),  # fmt: skip
-    EnvVar("ASCEND_RT_VISIBLE_DEVICES", "General", _NOT_YET, "NPU selection: Loom has no NPU support."),
-    EnvVar("FORCE_TORCHRUN", "Torchrun", _NOT_YET, _TORCHRUN),
-    EnvVar("MASTER_ADDR", "Torchrun", _NOT_YET, _TORCHRUN),
-    EnvVar("MASTER_PORT", "Torchrun", _NOT_YET, _TORCHRUN),
-    EnvVar("NNODES", "Torchrun", _NOT_YET, _TORCHRUN),
-    EnvVar("NODE_RANK", "Torchrun", _NOT_YET, _TORCHRUN),
-    EnvVar("NPROC_PER_NODE", "Torchrun", _NOT_YET, _TORCHRUN),
-    EnvVar("WANDB_DISABLED", "Log", _NOT_YET, _TRACKERS),
-    EnvVar("WANDB_PROJECT", "Log", _NOT_YET, _TRACKERS),
-    EnvVar("WANDB_API_KEY", "Log", _NOT_YET, _TRACKERS),
+    EnvVar("ASCEND_RT_VISIBLE_DEVICES", "General", _REFUSED, "NPU selection. " + _NPU),
+    EnvVar("FORCE_TORCHRUN", "Torchrun", _REFUSED, _TORCHRUN + "every Loom run is launched through Ray."),
+    EnvVar("MASTER_ADDR", "Torchrun", _REFUSED, _TORCHRUN + "join a cluster with RAY_ADDRESS or `ray job submit`."),
+    EnvVar("MASTER_PORT", "Torchrun", _REFUSED, _TORCHRUN + "join a cluster with RAY_ADDRESS or `ray job submit`."),
+    EnvVar(
+        "NNODES",
+        "Torchrun",
+        _REFUSED,
+        _TORCHRUN + "with its Ray mapping: ray_num_workers = NNODES x NPROC_PER_NODE, on a cluster of NNODES nodes.",
+    ),  # fmt: skip
+    EnvVar("NODE_RANK", "Torchrun", _REFUSED, _TORCHRUN + "Ray Train gives each worker its rank."),
+    EnvVar(
+        "NPROC_PER_NODE",
+        "Torchrun",
+        _REFUSED,
+        _TORCHRUN + "with its Ray mapping: ray_num_workers (x NNODES) and resources_per_worker GPU: 1.",
+    ),  # fmt: skip
+    EnvVar(
+        "WANDB_DISABLED", "Log", _WORKS, "true takes wandb out of report_to (and of `all`).", "orchestrator/trackers.py"
+    ),  # fmt: skip
+    EnvVar(
+        "WANDB_PROJECT", "Log", _WORKS, "The W&B project of report_to: wandb (default loom).", "workers/trackers.py"
+    ),
+    EnvVar(
+        "WANDB_API_KEY",
+        "Log",
+        _WORKS,
+        "W&B login for report_to: wandb; without it (or `wandb login`) the "
+        "driver refuses wandb unless WANDB_MODE=offline.",
+        "orchestrator/trackers.py",
+    ),  # fmt: skip
     EnvVar("GRADIO_SHARE", "Web UI", _NOT_YET, _BOARD),
     EnvVar("GRADIO_SERVER_NAME", "Web UI", _NOT_YET, _BOARD),
     EnvVar("GRADIO_SERVER_PORT", "Web UI", _NOT_YET, _BOARD),
@@ -120,8 +160,91 @@ ENVIRONMENT: tuple[EnvVar, ...] = (
     EnvVar(
         "ENABLE_SHORT_CONSOLE",
         "Setting",
-        _NOT_YET,
-        "LLaMA-Factory's short `lmf` command: Loom's command is "
-        "`loom`; an `lmf` alias that this variable switches is not built yet (issue 13).",
+        _WORKS,
+        "`lmf` is `loom` under LLaMA-Factory's short name while this is on (the default); 0 turns `lmf` off.",
+        "orchestrator/cli.py",
     ),  # fmt: skip
 )
+
+
+def enabled(env: Mapping[str, str], name: str, default: str = "0") -> bool:
+    """A switch as LLaMA-Factory reads one: true, 1 or y (any case)."""
+    return env.get(name, default).strip().lower() in ("true", "1", "y", "yes", "on")
+
+
+def _set(env: Mapping[str, str], name: str) -> bool:
+    return bool(env.get(name, "").strip())
+
+
+_SWITCHES = ("FORCE_TORCHRUN", "NPU_JIT_COMPILE")  # refused when on
+_HUBS = ("USE_MODELSCOPE_HUB", "USE_OPENMIND_HUB")
+
+
+def other_model_hub(env: Mapping[str, str] = os.environ) -> str | None:
+    """The hub variable that is on, if any: a model given by a hub id is then refused (Hugging Face only)."""
+    return next((name for name in _HUBS if enabled(env, name)), None)
+
+
+_VALUES = ("MASTER_ADDR", "MASTER_PORT", "NNODES", "NODE_RANK", "NPROC_PER_NODE", "ASCEND_RT_VISIBLE_DEVICES")
+
+
+def environment_problems(env: Mapping[str, str] = os.environ) -> list[Problem]:
+    """Every variable of the surface that is set to something Loom cannot do, with what to do instead."""
+    docs = {var.name: var.doc for var in ENVIRONMENT}
+    problems = [Problem(name, f"given {env[name]!r}; {docs[name]}") for name in _SWITCHES if enabled(env, name)]
+    problems += [Problem(name, f"given {env[name]!r}; {docs[name]}") for name in _VALUES if _set(env, name)]
+    if _set(env, "NNODES") or _set(env, "NPROC_PER_NODE"):
+        nodes, per_node = env.get("NNODES", "1").strip() or "1", env.get("NPROC_PER_NODE", "").strip() or "1"
+        if nodes.isdigit() and per_node.isdigit():
+            problems.append(Problem("ray_num_workers", f"NNODES x NPROC_PER_NODE: on Ray, ray_num_workers: {int(nodes) * int(per_node)} with "
+                                              f"resources_per_worker: {{GPU: 1}}, on a Ray cluster of {nodes} "
+                                              "node(s) (clusters/ has KubeRay manifests)"))  # fmt: skip
+    if _set(env, "USE_RAY") and not enabled(env, "USE_RAY"):
+        problems.append(Problem("USE_RAY", f"given {env['USE_RAY']!r}; Loom always runs on Ray (unset it or set 1)"))
+    return problems
+
+
+def version_problems(requirements: Iterable[str], installed: Callable[[str], str | None]) -> list[Problem]:
+    """Each requirement (as pip writes them, extras' ones skipped) that the installed version does not meet."""
+    from packaging.requirements import Requirement
+
+    problems = []
+    for line in requirements:
+        requirement = Requirement(line)
+        if requirement.marker and not requirement.marker.evaluate({"extra": ""}):
+            continue
+        version = installed(requirement.name)
+        if version is None or not requirement.specifier.contains(version, prereleases=True):
+            given = f"{version} is installed" if version else "it is not installed"
+            problems.append(Problem(requirement.name, f"Loom needs {requirement.name}{requirement.specifier}, and "
+                                                      f"{given}: pip install -c constraints.txt -e . (or "
+                                                      "DISABLE_VERSION_CHECK=1 to run anyway)"))  # fmt: skip
+    return problems
+
+
+def installed_version_problems(env: Mapping[str, str] = os.environ) -> list[Problem]:
+    """LLaMA-Factory's start-up version check, against Loom's own requirements (about 50 ms);
+    DISABLE_VERSION_CHECK=1 skips it."""
+    import importlib.metadata as metadata
+
+    if enabled(env, "DISABLE_VERSION_CHECK"):
+        return []
+    try:
+        requirements = metadata.requires("loom") or []
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return []
+
+    def installed(name: str) -> str | None:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    return version_problems(requirements, installed)
+
+
+def check_environment(env: Mapping[str, str] = os.environ) -> None:
+    """Every problem of the driver's environment, reported together before anything starts."""
+    problems = verbosity_problems() + environment_problems(env) + installed_version_problems(env)
+    if problems:
+        raise ConfigError(problems, source="the environment")

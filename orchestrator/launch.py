@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -10,9 +11,11 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from .data.cache import cached_manifest
+from .environment import enabled
 from .errors import DataError, PlanError, TrainingError
 from .plan import RunPlan, make_plan, placement_problems, storage_problems, with_absolute_paths
 from .preflight import RunStart, clear_earlier_run, decide_run_start, preflight_data
+from .progress import ProgressFollower
 from .storage import ray_storage_path, storage_filesystem
 
 
@@ -27,19 +30,27 @@ class TrainOutcome:
     timings: dict[str, float]
 
 
-FORWARDED_PREFIXES = ("LOOM_", "HF_", "TRANSFORMERS_", "TOKENIZERS_", "DS_", "LLAMAFACTORY_VERBOSITY", "RECORD_VRAM")
+FORWARDED_PREFIXES = ("LOOM_", "HF_", "TRANSFORMERS_", "TOKENIZERS_", "DS_", "LLAMAFACTORY_VERBOSITY", "RECORD_VRAM",
+                      "WANDB_", "MLFLOW_", "SWANLAB_")  # fmt: skip
 
 
 # Ray Train's controller collects reports on this cadence (2 s by default), and a worker's report waits for it: with
 # the default every checkpoint cost about 1.7 s of waiting here (bench/checkpoint_overhead.py), 0.15 s at 0.25 s.
-RAY_TRAIN_DEFAULTS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
+# Ray Train 2.60 patches `print` in its workers to tee each line to the console and to its logger, whose handler
+# prints it again: every worker line showed twice on the driver. Off, a line shows once (Ray's log monitor).
+RAY_TRAIN_DEFAULTS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+
+# LLaMA-Factory's OPTIM_TORCH (on unless 0): the CUDA allocator's expandable segments (less fragmentation) and NCCL
+# without record_stream, in every worker; a value the user set wins. Harmless on CPU workers.
+OPTIM_TORCH_DEFAULTS = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True", "TORCH_NCCL_AVOID_RECORD_STREAMS": "1"}
 
 
 def forwarded_env() -> dict[str, str]:
     """Driver environment the workers need too (offline mode, debug knobs): Ray workers do not inherit it.
     Ray Train settings the user did not set get Loom's defaults."""
     forwarded = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_PREFIXES)}
-    return {**{k: os.environ.get(k, v) for k, v in RAY_TRAIN_DEFAULTS.items()}, **forwarded}
+    defaults = {**RAY_TRAIN_DEFAULTS, **(OPTIM_TORCH_DEFAULTS if enabled(os.environ, "OPTIM_TORCH", "1") else {})}
+    return {**{k: os.environ.get(k, v) for k, v in defaults.items()}, **forwarded}
 
 
 class Stopwatch:
@@ -208,7 +219,7 @@ def train(
 
     data = prepare_data(cfg, specs.train, specs.eval)
     clock.lap("data")
-    return _fit_prepared(cfg, base_dir, data, start, clock, callbacks)
+    return _fit_prepared(cfg, base_dir, data, start, clock, callbacks, progress=True)
 
 
 def train_prepared(cfg: Any, data: Any, base_dir: str | None = None, callbacks: list | None = None) -> TrainOutcome:
@@ -224,15 +235,25 @@ def train_prepared(cfg: Any, data: Any, base_dir: str | None = None, callbacks: 
 
 
 def _fit_prepared(
-    cfg: Any, base_dir: str | None, data: Any, start: RunStart, clock: Stopwatch, callbacks: list | None
+    cfg: Any,
+    base_dir: str | None,
+    data: Any,
+    start: RunStart,
+    clock: Stopwatch,
+    callbacks: list | None,
+    progress: bool = False,
 ) -> TrainOutcome:
+    """`progress`: the driver draws the live progress line (`loom train`; a sweep's trials do not)."""
     train_rows = data.summary["train_examples"]
     if train_rows is not None and train_rows < cfg.ray_num_workers:
         raise DataError(too_few_examples(data.summary, cfg.ray_num_workers))
     plan = make_plan(cfg, base_dir, train_rows=train_rows, streaming=cfg.streaming)
     if start.clears_earlier:  # only now: every check has passed and the data is prepared
         clear_earlier_run(cfg, plan)
-    result = fit(cfg, plan, data, callbacks)
+    follower = ProgressFollower(os.path.join(plan.output_dir, "trainer_log.jsonl"), plan.schedule.total_steps,
+                                start.resume_step) if progress else contextlib.nullcontext()  # fmt: skip
+    with follower:
+        result = fit(cfg, plan, data, callbacks)
     clock.lap("fit")
     return TrainOutcome(
         plan=plan,

@@ -7,7 +7,15 @@ import re
 
 # Config keys where Loom writes: made absolute against the working dir whether or not they exist yet, so every
 # process (Ray tasks and workers run elsewhere) writes to the one folder the user named.
-OUTPUT_PATH_KEYS = ("output_dir", "ray_storage_path", "cache_dir", "tokenized_path", "save_dir", "export_dir")
+OUTPUT_PATH_KEYS = (
+    "output_dir",
+    "ray_storage_path",
+    "cache_dir",
+    "tokenized_path",
+    "save_dir",
+    "export_dir",
+    "logging_dir",
+)
 # Config keys holding local paths (or hub ids, or URIs); inputs are made absolute when they exist here.
 LOCAL_PATH_KEYS = ("model_name_or_path", "dataset_dir", "ref_model", "reward_model", *OUTPUT_PATH_KEYS)
 

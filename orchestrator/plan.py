@@ -13,6 +13,7 @@ from .config.schema import without_secrets
 from .parallelism import describe_sharding, load_json_setting
 from .paths import LOCAL_PATH_KEYS, OUTPUT_PATH_KEYS, is_uri, resolve_path
 from .stages import STAGES
+from .trackers import requested
 
 RUN_MARKER = "loom_run.json"  # written by rank 0 into output_dir: status running/finished, read by the driver
 
@@ -27,6 +28,13 @@ _NAME_NEUTRAL = {
     "ray_storage_shared",
     "ray_resize_interval_s",
     "ray_upload_retries",
+    "report_to",  # a tracker watches a run; adding one to a run resumes it
+    "logging_dir",
+    "use_swanlab",
+    "swanlab_project",
+    "swanlab_workspace",
+    "swanlab_run_name",
+    "swanlab_mode",
 }
 
 
@@ -71,6 +79,8 @@ class RunPlan:
     stage: str = "sft"
     models: tuple[str, ...] = ()  # what each worker holds (the registry's say): policy, reference, reward
     eval_splits: tuple[str, ...] = ()  # the evaluation sets' names ("eval", or "eval_<dataset>"), set at launch
+    trackers: tuple[str, ...] = ()  # what rank 0 logs to (orchestrator/trackers.py), resolved on the driver
+    logging_dir: str = ""  # tensorboard's folder
 
     @property
     def elastic(self) -> bool:
@@ -104,6 +114,8 @@ class RunPlan:
         ]
         if self.elastic:
             lines.insert(5, self._elastic_line())
+        if self.trackers:
+            lines.append(f"trackers      {', '.join(self.trackers)}")
         if self.datasets:
             lines.append(f"datasets      {', '.join(self.datasets)}")
         s = self.schedule
@@ -209,6 +221,8 @@ def make_plan(cfg: Any, base_dir: str | None = None, train_rows: int | None = No
         resize_interval_s=cfg.ray_resize_interval_s,
         stage=cfg.stage,
         models=STAGES[cfg.stage].models(cfg),
+        trackers=tuple(requested(cfg.report_to, cfg.use_swanlab)),
+        logging_dir=resolve_path(cfg.logging_dir, base_dir) if cfg.logging_dir else f"{output_dir}/runs",
     )
 
 

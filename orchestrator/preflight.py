@@ -139,6 +139,7 @@ class RunStart:
 
     describe: str  # in words, for the user
     clears_earlier: bool = False  # overwrite_output_dir: remove the earlier run, once the data is prepared
+    resume_step: int = 0  # the committed checkpoint's step a resumed run continues after
 
 
 def decide_run_start(cfg: Any, plan: RunPlan) -> RunStart:
@@ -164,9 +165,9 @@ def decide_run_start(cfg: Any, plan: RunPlan) -> RunStart:
             f"output_dir {plan.output_dir} belongs to run {marker.get('run_name')!r}, not {plan.run_name!r}; "
             "choose another output_dir or set overwrite_output_dir: true."
         )
-    latest = latest_committed_checkpoint(plan.run_dir, storage_filesystem(cfg))
+    latest = committed_checkpoint(plan.run_dir, storage_filesystem(cfg))
     if latest:
-        return RunStart(f"resume from {latest}")
+        return RunStart(f"resume from {latest[0]} (step {latest[1]})", resume_step=latest[1])
     return RunStart("fresh (an earlier attempt left no committed checkpoint)" if marker else "fresh")
 
 
@@ -180,7 +181,14 @@ def clear_earlier_run(cfg: Any, plan: RunPlan) -> None:
 
 
 def latest_committed_checkpoint(run_dir: str, filesystem: Any = None) -> str | None:
-    """The checkpoint Ray Train will hand the workers: the latest one its run snapshot lists as committed."""
+    """The checkpoint Ray Train will hand the workers, in words: `checkpoint-000006 (step 6)`."""
+    latest = committed_checkpoint(run_dir, filesystem)
+    return f"{latest[0]} (step {latest[1]})" if latest else None
+
+
+def committed_checkpoint(run_dir: str, filesystem: Any = None) -> tuple[str, int] | None:
+    """The checkpoint Ray Train will hand the workers (the latest one its run snapshot lists as committed): its
+    folder name and step."""
     filesystem, root = storage.resolve(run_dir, filesystem)
     snapshot = storage.read_json(filesystem, f"{root}/checkpoint_manager_snapshot.json")
     try:
@@ -188,7 +196,7 @@ def latest_committed_checkpoint(run_dir: str, filesystem: Any = None) -> str | N
         step = storage.read_json(filesystem, f"{root}/{name}/trainer_state.json")["global_step"]
     except (KeyError, TypeError):
         return None  # no snapshot yet, or an unreadable one (Ray's to report); the run still starts
-    return f"{name} (step {step})"
+    return name, int(step)
 
 
 def _non_empty(folder: str) -> bool:

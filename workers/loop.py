@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from orchestrator.config.schema import without_secrets
 from orchestrator.data.templates import get_template, missing_stop_words
 from orchestrator.data.tokenizer import template_name
 from orchestrator.plan import RUN_MARKER, RunPlan, accumulation_for
@@ -38,6 +39,7 @@ from .order import ArrowRows, StepLayout, epoch_order, step_indices
 from .stages import make_stage
 from .stages.base import merge_metrics, reduce_metrics
 from .strategy import make_strategy
+from .trackers import TrackerRun, Trackers
 from .trainlog import TrainerLog
 
 # Debug knob: seconds to sleep after each optimizer step, so failure tests can interrupt a run mid-way.
@@ -140,7 +142,9 @@ class StageRunner:
             self.scheduler = build_scheduler(cfg, self.strategy.lr_optimizer, self.schedule.warmup_steps,
                                              self.total_steps * self.optimizer_steps_per_step)  # fmt: skip
             self.state = self._resume(resume_dir) if resume_dir else TrainState(total_steps=self.total_steps)
+            tracker_ids = (load_component(resume_dir, "trackers") or {}) if resume_dir else {}
         self.log = TrainerLog(os.path.join(plan.output_dir, "trainer_log.jsonl")) if ctx.is_main else None
+        self.trackers = self._open_trackers(tracker_ids) if ctx.is_main and plan.trackers else None
         if cfg.tf32 is not None and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
             torch.backends.cudnn.allow_tf32 = cfg.tf32
@@ -156,6 +160,15 @@ class StageRunner:
         ctx.print0(f"strategy {self.strategy.name}; worker setup (tokenizer, model, optimizer) took {took:.1f} s")
 
     optimizer_steps_per_step = 1  # rollout stages take several optimizer steps per logged step
+
+    def _open_trackers(self, saved_ids: dict[str, str]) -> Trackers:
+        run = TrackerRun(output_dir=self.plan.output_dir, logging_dir=self.plan.logging_dir,
+                         run_name=self.cfg.run_name or self.plan.run_name,
+                         config=without_secrets(self.cfg.model_dump(mode="json")),
+                         start_step=self.state.global_step, run_id=None)  # fmt: skip
+        trackers = Trackers(self.plan.trackers, run, self.cfg, saved_ids, self.ctx.print0)
+        self.ctx.print0(f"trackers: {', '.join(self.plan.trackers)}" + (" (reopened)" if saved_ids else ""))
+        return trackers
 
     def _resume(self, folder: str) -> TrainState:
         """Optimizer (through the strategy), scheduler, stage state, RNG and data position from a verified
@@ -308,6 +321,8 @@ class StageRunner:
                 metrics.update({f"{split}_{name}": value for name, value in self.evaluate(split).items()})
         if self.log and (log_now or eval_now):
             self.log.append(metrics)
+            if self.trackers:
+                self.trackers.log(metrics)
         if save_now or step == self.total_steps:
             # ray.train.report is a barrier that costs seconds per call (measured by bench/overhead.py), so it is
             # called at checkpoints and at the end only; every logged step is in trainer_log.jsonl.
@@ -328,6 +343,8 @@ class StageRunner:
         if self.ctx.is_main:
             others = {name: size for files in written[1:] for name, size in files.items()}
             components = {"scheduler": self.scheduler.state_dict(), "stage_state": self.stage.state_dict()}
+            if self.trackers:
+                components["trackers"] = self.trackers.ids()  # a restart reopens the same tracker runs
             save_checkpoint(folder, self.strategy.module, self.state, rng_states, weights=weights,
                             components=components, other_ranks_files=others, workers=self.placement)  # fmt: skip
         return folder
@@ -345,6 +362,8 @@ class StageRunner:
                 from orchestrator.plots import plot_log
 
                 plot_log(self.plan.output_dir, self.cfg.stage)
+            if self.trackers:
+                self.trackers.close()
         self.ctx.barrier()
 
     def _write_marker(self, status: str) -> None:

@@ -10,12 +10,15 @@ from collections.abc import Callable, Iterable, Iterator
 from contextvars import ContextVar
 from typing import Any
 
+from ..environment import other_model_hub
 from ..errors import Problem
 from ..paths import is_safe_name, is_uri
 from ..stages import BUILT, REFERENCE_FREE_LOSSES, STAGES, stages_reading
 from ..suggest import did_you_mean
+from ..trackers import requested, tracker_problems
 from .fields import Support
 from .schema import LoomConfig, shown
+from .tracking import TrackingArgs
 from .values import as_dict, split_csv
 
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -152,12 +155,24 @@ def _stage_and_values(cfg: LoomConfig) -> list[Problem]:
         p.append(Problem("packing", f"packing is for stages {packing}, not {cfg.stage!r}"))
     if cfg.lr_scheduler_type == "reduce_lr_on_plateau":
         p.append(Problem("lr_scheduler_type", "reduce_lr_on_plateau is not supported yet"))
-    trackers = [cfg.report_to] if isinstance(cfg.report_to, str) else list(cfg.report_to)
-    if any(t not in ("none", "") for t in trackers):
-        p.append(Problem("report_to", f"given {cfg.report_to!r}; trackers are not wired yet (use none)"))
     if not cfg.do_train:
         p.append(Problem("do_train", "false: evaluation-only and predict runs are not built yet"))
     return p
+
+
+_TRACKER_KEYS = {
+    "logging_dir": "tensorboard",
+    **{key: "swanlab" for key in TrackingArgs.model_fields if key != "use_swanlab"},
+}
+
+
+def _trackers(cfg: LoomConfig) -> list[Problem]:
+    """Trackers that could not start, and a tracker's key set for a tracker the run does not start."""
+    started = requested(cfg.report_to, cfg.use_swanlab)
+    unused = [Problem(key, f"set, but {tracker} is not among the trackers (report_to: {tracker}"
+                           f"{' or use_swanlab: true' if tracker == 'swanlab' else ''}; given {shown(key, getattr(cfg, key))})")
+              for key, tracker in _TRACKER_KEYS.items() if key in cfg.model_fields_set and tracker not in started]  # fmt: skip
+    return unused + tracker_problems(cfg.report_to, cfg.use_swanlab, cfg.swanlab_mode, cfg.swanlab_api_key)
 
 
 def _preference(cfg: LoomConfig) -> list[Problem]:
@@ -271,6 +286,9 @@ def _paths(cfg: LoomConfig) -> list[Problem]:
         pass
     elif not os.path.isdir(model) and not (_HUB_ID.match(model) and not model.startswith((".", "/", "~"))):
         p.append(Problem("model_name_or_path", f"folder {model!r} does not exist"))
+    elif not os.path.isdir(model) and (hub := other_model_hub()):
+        p.append(Problem("model_name_or_path", f"{model!r} is a hub id and {hub} is on: models are loaded from the "
+                                               "Hugging Face Hub only; download it and give its local folder"))  # fmt: skip
     elif os.path.isdir(model) and not has_file(model, "config.json"):
         p.append(Problem("model_name_or_path", f"folder {model!r} has no config.json"))
     for adapter in split_csv(cfg.adapter_name_or_path):
@@ -362,7 +380,7 @@ def _datasets_named(cfg: LoomConfig) -> list[Problem]:
 
 
 PURPOSES = {  # what a config is validated for: the checks beyond CHECKS that each use needs
-    "train": (_datasets_named, _stage_built, _ppo, _prediction),
+    "train": (_datasets_named, _stage_built, _ppo, _prediction, _trackers),
     "data": (_datasets_named,),  # loom data: prepares any stage's data, trainable or not yet
     "infer": (),  # chat, api, serve, export: a model and a template, no training data
 }

@@ -6,16 +6,13 @@ parameter whose feature Loom does not have (yet) when the user sets it to anythi
 
 from __future__ import annotations
 
-from enum import Enum
 from typing import Any
 
 from pydantic import Field
 
+from ..support import Support
 
-class Support(str, Enum):
-    WORKS = "works"
-    REFUSED = "refused"  # cannot work in this setting (no GPU, by design, ...): the reason says why
-    NOT_YET = "not yet"  # planned; setting it stops the run instead of being ignored
+__all__ = ["Support", "not_yet", "param", "refused"]
 
 
 def param(

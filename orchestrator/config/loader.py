@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import typing
 from typing import Any
 
 import yaml
 from pydantic import ValidationError
 
+from ..environment import enabled
 from ..errors import ConfigError, Problem
 from ..suggest import did_you_mean
 from .checks import cross_field_problems, support_problems
@@ -86,11 +88,15 @@ def validate_config(
     problems = list(problems or [])
     fields = LoomConfig.model_fields
     known = {}
+    extra_allowed = enabled(os.environ, "ALLOW_EXTRA_ARGS")
     for key, value in raw.items():
-        if not isinstance(key, str) or key not in fields:
-            problems.append(Problem(str(key), _unknown_key_message(str(key), value)))
-        else:
+        if isinstance(key, str) and key in fields:
             known[key] = value
+        elif extra_allowed:  # LLaMA-Factory's ALLOW_EXTRA_ARGS: an unknown key is dropped, said once
+            print(f"{source}: {key}: {_unknown_key_message(str(key), value)}; dropped (ALLOW_EXTRA_ARGS)",
+                  file=sys.stderr)  # fmt: skip
+        else:
+            problems.append(Problem(str(key), _unknown_key_message(str(key), value)))
     bad_keys: set[str] = set()
     try:
         LoomConfig.model_validate(known)

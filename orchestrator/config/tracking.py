@@ -1,18 +1,18 @@
-"""SwanLab experiment tracking options."""
+"""SwanLab experiment tracking options (the tracker itself: orchestrator/trackers.py, workers/trackers.py)."""
 
 from typing import Literal
 
 from pydantic import BaseModel
 
-from orchestrator.config.fields import not_yet
-
-REASON = "SwanLab logging is not wired yet"
+from orchestrator.config.fields import param
 
 
 class TrackingArgs(BaseModel):
-    use_swanlab: bool = not_yet(False, "Log the run to SwanLab.", REASON)
-    swanlab_project: str = not_yet("llamafactory", "SwanLab project name.", REASON)
-    swanlab_workspace: str | None = not_yet(None, "SwanLab workspace name.", REASON)
-    swanlab_run_name: str | None = not_yet(None, "SwanLab experiment name.", REASON)
-    swanlab_mode: Literal["cloud", "local"] = not_yet("cloud", "SwanLab mode: cloud or local.", REASON)
-    swanlab_api_key: str | None = not_yet(None, "SwanLab API key.", REASON, secret=True)
+    use_swanlab: bool = param(False, "Log the run to SwanLab (as report_to: swanlab does), from rank 0.")
+    swanlab_project: str = param("llamafactory", "SwanLab project name.")
+    swanlab_workspace: str | None = param(None, "SwanLab workspace name (default: your own).")
+    swanlab_run_name: str | None = param(None, "SwanLab experiment name (default: the run name).")
+    swanlab_mode: Literal["cloud", "local"] = param(
+        "cloud", "SwanLab mode: cloud (needs an API key) or local (files under output_dir/swanlog)."
+    )
+    swanlab_api_key: str | None = param(None, "SwanLab API key (or SWANLAB_API_KEY).", secret=True)

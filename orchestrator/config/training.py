@@ -115,7 +115,10 @@ class TrainingArgs(BaseModel):
         None, "Run name for trackers; used as the run name when ray_run_name is unset.", source=_TF
     )
     report_to: str | list = param(
-        "none", "Experiment trackers; only `none` is wired (trainer_log.jsonl is always written).", source=_TF
+        "none",
+        "Experiment trackers, logged from rank 0: wandb, tensorboard, mlflow, swanlab (a list or comma list), all "
+        "(every installed one) or none; trainer_log.jsonl is always written.",
+        source=_TF,
     )
     deepspeed: str | dict | None = param(
         None,
@@ -147,7 +150,7 @@ class TrainingArgs(BaseModel):
     hub_model_id: str | None = not_yet(None, "Hub repository for push_to_hub.", source=_TF)
     torch_compile: bool = not_yet(False, "Compile the model with torch.compile.", source=_TF)
     neftune_noise_alpha: float | None = not_yet(None, "NEFTune embedding-noise scale.", source=_TF)
-    logging_dir: str | None = not_yet(None, "TensorBoard log folder.", "trackers are not wired yet", source=_TF)
+    logging_dir: str | None = param(None, "TensorBoard's folder (default output_dir/runs).", source=_TF)
     disable_tqdm: bool = param(
         False, "Loom prints no progress bars in workers; accepted for compatibility.", source=_TF
     )

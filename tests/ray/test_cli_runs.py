@@ -10,10 +10,12 @@ import signal
 import subprocess
 import time
 
+import pytest
 import yaml
 
 from orchestrator.preflight import latest_committed_checkpoint
 from tests.conftest import VENV_BIN
+from tests.tracker_files import mlflow_runs, swanlab_experiments, tensorboard_scalars, wandb_runs
 
 
 def write_yaml(folder, raw: dict) -> str:
@@ -189,7 +191,8 @@ def files_holding(secret: str, *folders) -> list[str]:
 def test_same_yaml_runs_under_ray_job_submit(ray_cluster, train_config, tmp_path):
     """The job also carries a hub token in its config: no file the run writes, no line of its output, and none of
     Ray's session logs holds it (docs/SECURITY.md)."""
-    raw = train_config(max_steps=4, save_steps=2, ray_run_name="job", hf_hub_token=PLANTED)
+    raw = train_config(max_steps=4, save_steps=2, ray_run_name="job", hf_hub_token=PLANTED,
+                       report_to="tensorboard,mlflow")  # both record the config: without the token  # fmt: skip
     project = tmp_path / "project"
     write_yaml(project, raw)
     (project / "notes.txt").write_text("the working dir is uploaded to the cluster\n")
@@ -203,15 +206,21 @@ def test_same_yaml_runs_under_ray_job_submit(ray_cluster, train_config, tmp_path
         str(project / "cfg.yaml")
     ]  # the search works
     assert files_holding(PLANTED, raw["output_dir"], raw["ray_storage_path"], ray_logs) == []
+    (mlflow,) = mlflow_runs(os.path.join(raw["output_dir"], "mlruns"))
+    assert "hf_hub_token" not in mlflow["params"] and mlflow["params"]["max_steps"] == "4"
+    assert [s for s, _ in tensorboard_scalars(os.path.join(raw["output_dir"], "runs"))["train/loss"]] == [1, 2, 3, 4]
 
 
-def test_killed_dpo_worker_is_restarted_from_the_latest_checkpoint(ray_cluster, train_config, tmp_path):
+def test_killed_dpo_worker_is_restarted_from_the_latest_checkpoint(ray_cluster, train_config, tmp_path, monkeypatch):
     """ray_max_failures: a worker process killed mid-run restarts the worker group from the committed checkpoint.
     A LoRA dpo run (its reference: the policy with the adapter disabled) under DeepSpeed ZeRO-2 with the optimizer
-    offloaded to the CPU: each rank reloads its own optimizer partition, and every step is logged once."""
+    offloaded to the CPU: each rank reloads its own optimizer partition, and every step is logged once. Every
+    tracker watches it, in its offline or local mode, and the restarted workers reopen the same tracker runs."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
     zero2_offload = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
     raw = train_config(max_steps=8, save_steps=2, ray_max_failures=1, ray_run_name="retry", deepspeed=zero2_offload,
-                       stage="dpo", dataset="loom_demo_pref", cutoff_len=96)  # fmt: skip
+                       stage="dpo", dataset="loom_demo_pref", cutoff_len=96, report_to="all",
+                       swanlab_mode="local")  # fmt: skip
     run_dir = os.path.join(raw["ray_storage_path"], "retry")
     committed_at_kill, seen, output = kill_a_worker_and_finish(ray_cluster, raw, tmp_path, after_step=3)
     print(f"\nworker killed, committed step {committed_at_kill}; seconds after the kill: {json.dumps(seen)}")
@@ -222,3 +231,24 @@ def test_killed_dpo_worker_is_restarted_from_the_latest_checkpoint(ray_cluster, 
     assert margins[-1] > margins[0], margins  # the resumed run goes on learning the preference
     shards = set(os.listdir(os.path.join(run_dir, checkpoints(run_dir)[-1], "deepspeed")))
     assert {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)} <= shards, shards
+    assert_trackers_hold_the_log(raw["output_dir"], margins, committed_at_kill)
+
+
+def assert_trackers_hold_the_log(output_dir: str, margins: list[float], resumed_from: int) -> None:
+    """Each tracker's own files hold every logged step's DPO margin, the restart's attempt in the same tracker run
+    where the tracker allows it (wandb and mlflow by id; tensorboard in its folder; swanlab local as a second
+    experiment). wandb's offline writer buffers: a SIGKILLed attempt may leave none of its rows on disk (seen here:
+    an empty first file), so the rows asked of it are those of the attempt that finished."""
+    expected = list(zip(range(1, 9), margins, strict=True))
+    scalars = tensorboard_scalars(os.path.join(output_dir, "runs"))
+    assert [(s, pytest.approx(v, abs=1e-5)) for s, v in scalars["train/rewards/margins"]] == expected
+    (mlflow,) = mlflow_runs(os.path.join(output_dir, "mlruns"))
+    assert sorted({step for step, _ in mlflow["metrics"]["train/rewards/margins"]}) == list(range(1, 9))
+    assert mlflow["params"]["stage"] == "dpo" and mlflow["status"] == "FINISHED"
+    wandb = wandb_runs(output_dir)
+    assert len(wandb) == 2 and len({run["id"] for run in wandb}) == 1  # the restart reopened the run
+    last = {row["train/global_step"]: row["train/rewards/margins"] for run in wandb for row in run["history"]}
+    assert sorted(last.items())[-(8 - resumed_from) :] == expected[resumed_from:]
+    assert wandb[-1]["config"]["stage"] == "dpo" and "hf_hub_token" not in wandb[-1]["config"]
+    experiments = swanlab_experiments(os.path.join(output_dir, "swanlog"))
+    assert max(step for run in experiments.values() for step, _ in run["train/rewards/margins"]) == 8

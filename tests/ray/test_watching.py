@@ -75,6 +75,8 @@ def test_the_console_shows_loom_lines_and_a_verbosity_brings_the_libraries_back(
 
     quiet = train("quiet", RECORD_VRAM="1")
     assert "final         " in quiet and "checkpoint    " in quiet  # Loom's own lines
+    assert "progress      step 4/4 (100%)  loss " in quiet  # not a terminal: one plain line per logged step
+    assert len([line for line in quiet.splitlines() if "trained steps 1-4" in line]) == 1  # a worker line, once
     assert [line for line in quiet.splitlines() if any(noise in line for noise in NOISE)] == []
     logged = [json.loads(line) for line in open(tmp_path / "quiet" / "out" / "trainer_log.jsonl") if '"loss"' in line]
     peaks = [record["memory_peak_gb"] for record in logged]  # RECORD_VRAM: each rank's peak (RSS on CPU workers)

@@ -51,7 +51,7 @@ CASES = [
     Bad("dataset missing", ("dataset",), config={"dataset": KEEP}),
     Bad("not-yet key", ("use_galore", "not supported yet"), config={"use_galore": True}),
     Bad("refused key needs a GPU", ("fp16",), config={"fp16": True}),
-    Bad("tracker not wired", ("report_to",), config={"report_to": "wandb"}),
+    Bad("unknown tracker", ("report_to", "did you mean 'tensorboard'"), config={"report_to": "tensorbord"}),
     Bad("stage-scoped key under sft", ("pref_beta", "stage dpo"), config={"pref_beta": 0.2}),
     Bad(
         "lora key under full",

@@ -101,7 +101,7 @@ def test_error_message_names_source_and_counts(model_dir):
         ({"resources_per_worker": {"CPU": -1}}, "resources_per_worker", ">= 0"),
         ({"model_name_or_path": "./no/such/model"}, "model_name_or_path", "does not exist"),
         ({"dataset": None}, "dataset", "required"),
-        ({"report_to": "wandb"}, "report_to", "not wired"),
+        ({"report_to": "tensorboard,wandbb"}, "report_to", "did you mean 'wandb'"),
         ({"flash_attn": "fa2"}, "flash_attn", "GPU"),
         (
             {"gradient_checkpointing": True, "disable_gradient_checkpointing": True},
