@@ -90,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("run", help="a run's output_dir, or the config that trained it")
     plot.add_argument("--out", help="folder for the PNGs (default: the output_dir itself)")
     commands.add_parser("features", help="print docs/FEATURES.md (every parameter and its status)")
+    board = commands.add_parser("board", help="a web board: compose, check, submit and follow runs as Ray jobs")
+    board.add_argument("--address", help="the Ray dashboard to submit to (default RAY_DASHBOARD_ADDRESS or "
+                                         "http://127.0.0.1:8265)")  # fmt: skip
+    board.add_argument("--port", type=int, help="port to serve on (default GRADIO_SERVER_PORT or 7860)")
     tune = commands.add_parser("tune", help="run a sweep: trials of a base config over a search space (Ray Tune)")
     tune.add_argument("sweep", help="sweep YAML: base config, search_space, metric, mode, search_alg, scheduler")
     tune.add_argument("overrides", nargs="*", help="key=value overrides of the base config")
@@ -330,6 +334,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_board(args: argparse.Namespace) -> int:
+    from .board import serve
+
+    serve(args.address, port=args.port)
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from .status import describe, run_status
 
@@ -409,6 +420,7 @@ COMMANDS = {
     "features": cmd_features,
     "plot": cmd_plot,
     "status": cmd_status,
+    "board": cmd_board,
     "data": cmd_data,
     "tune": cmd_tune,
 }

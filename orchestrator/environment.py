@@ -25,7 +25,6 @@ class EnvVar:
 
 
 _WORKS, _NOT_YET, _REFUSED = Support.WORKS, Support.NOT_YET, Support.REFUSED
-_BOARD = "`loom board` is not built yet (issue 13)"
 _TORCHRUN = "refused: Loom starts no torchrun, Ray Train places the workers and picks the rendezvous; "
 _NPU = "refused: Loom has no NPU (Ascend) support."
 
@@ -152,11 +151,37 @@ ENVIRONMENT: tuple[EnvVar, ...] = (
         "driver refuses wandb unless WANDB_MODE=offline.",
         "orchestrator/trackers.py",
     ),  # fmt: skip
-    EnvVar("GRADIO_SHARE", "Web UI", _NOT_YET, _BOARD),
-    EnvVar("GRADIO_SERVER_NAME", "Web UI", _NOT_YET, _BOARD),
-    EnvVar("GRADIO_SERVER_PORT", "Web UI", _NOT_YET, _BOARD),
-    EnvVar("GRADIO_ROOT_PATH", "Web UI", _NOT_YET, _BOARD),
-    EnvVar("GRADIO_IPV6", "Web UI", _NOT_YET, _BOARD),
+    EnvVar(
+        "GRADIO_SHARE",
+        "Web UI",
+        _WORKS,
+        "1: `loom board` also opens a public gradio.live link (needs the internet).",
+        "orchestrator/board.py",
+    ),
+    EnvVar(
+        "GRADIO_SERVER_NAME",
+        "Web UI",
+        _WORKS,
+        "The address `loom board` listens on (default 127.0.0.1: this machine only).",
+        "orchestrator/board.py",
+    ),
+    EnvVar(
+        "GRADIO_SERVER_PORT",
+        "Web UI",
+        _WORKS,
+        "The port of `loom board` (default 7860; --port wins).",
+        "orchestrator/board.py",
+    ),
+    EnvVar(
+        "GRADIO_ROOT_PATH", "Web UI", _WORKS, "The root path of `loom board` behind a proxy.", "orchestrator/board.py"
+    ),
+    EnvVar(
+        "GRADIO_IPV6",
+        "Web UI",
+        _WORKS,
+        "1: `loom board` listens on [::] (every IPv6 and IPv4 address) unless GRADIO_SERVER_NAME is set.",
+        "orchestrator/board.py",
+    ),
     EnvVar(
         "ENABLE_SHORT_CONSOLE",
         "Setting",

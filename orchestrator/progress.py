@@ -24,13 +24,15 @@ def clock(seconds: float) -> str:
 
 @dataclass
 class Progress:
-    """What the line shows, from the records seen and when they were seen (the log has no clock of its own)."""
+    """What the line shows, from the records seen: rates between the first and the last, by the wall-clock time
+    rank 0 wrote each one (the time the driver saw it, for a log without it)."""
 
     total_steps: int
-    seen: list[tuple[float, int, int]] = field(default_factory=list)  # (driver time, step, tokens seen)
+    seen: list[tuple[float, int, int]] = field(default_factory=list)  # (time written, step, tokens seen)
 
     def add(self, record: dict[str, Any], now: float) -> None:
-        self.seen.append((now, int(record["step"]), int(record.get("tokens_seen") or 0)))
+        written = float(record.get("time") or now)
+        self.seen.append((written, int(record["step"]), int(record.get("tokens_seen") or 0)))
 
     def rates(self) -> tuple[float, float] | None:
         """Steps/s and tokens/s between the first and the last record seen by this driver."""
@@ -119,7 +121,7 @@ class ProgressFollower:
             self._shown = int(record["step"])
             if "loss" not in record:  # an eval-only line
                 continue
-            self.progress.add(record, time.monotonic())
+            self.progress.add(record, time.time())
             self._draw(self.progress.line(record))
 
     def _draw(self, text: str) -> None:

@@ -98,7 +98,7 @@ def describe(status: RunStatus) -> str:
                           for c in status.checkpoints)  # fmt: skip
         lines.append(f"checkpoints  {len(status.checkpoints)}: {shown}")
     if status.metrics:
-        lines.append("metrics      " + ", ".join(f"{k} {v}" for k, v in status.metrics.items()))
+        lines.append("metrics      " + ", ".join(f"{k} {v}" for k, v in status.metrics.items() if k != "time"))
     workers = status.workers or (status.marker or {}).get("workers") or []
     if workers:
         nodes = {w["node_id"] for w in workers}

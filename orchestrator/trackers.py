@@ -145,9 +145,11 @@ def _swanlab_logged_in(env: Mapping[str, str]) -> bool:
 def tracker_metrics(record: Mapping[str, object]) -> dict[str, float]:
     """A trainer_log.jsonl line as the trackers name it (as transformers' callbacks do): `eval_<name>` becomes
     `eval/<name>` (`eval_<dataset>_loss` -> `eval/<dataset>_loss`), every other number `train/<name>`, the step
-    `train/global_step`; a per-rank list (memory_peak_gb) one value per rank; what is not a number is left out."""
+    `train/global_step` (the line's wall-clock `time` is left out); a per-rank list (memory_peak_gb) one value per rank; what is not a number is left out."""
     out: dict[str, float] = {}
     for key, value in record.items():
+        if key == "time":  # the trackers stamp their own
+            continue
         name = "train/global_step" if key == "step" else (
             f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}")  # fmt: skip
         if isinstance(value, bool):

@@ -299,7 +299,7 @@ class StageRunner:
         eval_now = due(step, sched.eval_every, self.total_steps) or (step == self.total_steps and self.cfg.do_eval)
         if not (log_now or save_now or eval_now):
             return window
-        metrics: dict[str, Any] = {"step": step}
+        metrics: dict[str, Any] = {"step": step, "time": round(time.time(), 3)}  # wall clock: the driver's rates
         loss_total, tokens = self.ctx.sum([window.loss_total, window.tokens])
         stage_metrics = reduce_metrics(self.ctx, window.metrics, self.stage.spec.metrics)
         self.state.tokens_seen += int(tokens)

@@ -11,9 +11,9 @@ from workers.trainlog import TrainerLog
 
 def test_the_line_shows_step_loss_rates_epoch_and_eta():
     progress = Progress(total_steps=100)
-    progress.add({"step": 10, "tokens_seen": 1000}, now=0.0)
+    progress.add({"step": 10, "tokens_seen": 1000, "time": 100.0}, now=900.0)
     assert progress.line({"step": 10, "loss": 2.0}) == "step 10/100 (10%)  loss 2.0000"  # one point: no rate yet
-    progress.add({"step": 20, "tokens_seen": 3000}, now=5.0)
+    progress.add({"step": 20, "tokens_seen": 3000, "time": 105.0}, now=900.1)  # rank 0's clock, not when seen
     line = progress.line({"step": 20, "loss": 1.23456, "epoch": 0.5})
     assert line == "step 20/100 (20%)  loss 1.2346  400 tokens/s  epoch 0.50  ETA 0:00:40"
 

@@ -59,7 +59,7 @@ def test_a_tracker_whose_package_is_missing_is_refused_with_the_install_line(mon
 
 
 def test_log_lines_are_named_as_the_trackers_expect():
-    record = {"step": 3, "loss": 0.5, "learning_rate": 1e-3, "eval_loss": 0.7, "eval_alpaca_loss": 0.8,
+    record = {"step": 3, "time": 1796222041.5, "loss": 0.5, "learning_rate": 1e-3, "eval_loss": 0.7, "eval_alpaca_loss": 0.8,
               "rewards/margins": 0.2, "memory_peak_gb": [1.5, 1.25], "note": "text", "finished": True}  # fmt: skip
     assert tracker_metrics(record) == {
         "train/global_step": 3, "train/loss": 0.5, "train/learning_rate": 1e-3, "eval/loss": 0.7,
