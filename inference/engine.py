@@ -118,8 +118,10 @@ class HuggingFaceEngine(EngineBase):
     def _load_model(self, cfg: Any, source: ModelSource) -> Any:
         from transformers import AutoModelForCausalLM
 
+        from orchestrator.environment import remote_code_imports
         from workers.model import ATTENTION, fit_embeddings
 
+        remote_code_imports(cfg.trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
             source.base, dtype="auto" if self.stored_dtype else getattr(self.torch, INFER_DTYPES[cfg.infer_dtype]),
             attn_implementation=ATTENTION[cfg.flash_attn], trust_remote_code=cfg.trust_remote_code,

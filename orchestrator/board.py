@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from .config import LoomConfig, validate_config
+from .config.schema import without_secrets
 from .environment import enabled
 from .errors import ConfigError, LoomError
 from .plan import make_plan, with_absolute_paths
@@ -41,6 +42,8 @@ max_steps: 20
 logging_steps: 2
 save_steps: 10
 """
+# The secret keys a board-submitted job gets as variables instead (ms/om hub tokens: those hubs' models are refused).
+SECRET_VARIABLES = {"hf_hub_token": "HF_TOKEN", "swanlab_api_key": "SWANLAB_API_KEY"}
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -76,6 +79,16 @@ def key_doc(name: str) -> str:
             f"{extra.get('source', '')}): {field.description}")  # fmt: skip
 
 
+def job_folder(cfg: LoomConfig) -> tuple[str, dict[str, str]]:
+    """A fresh working dir holding the job's cfg.yaml (the secret keys left out), and the variables that carry
+    those secrets to the job instead."""
+    folder = tempfile.mkdtemp(prefix="loom-board-job-")
+    values = cfg.model_dump(mode="json", exclude_defaults=True)
+    with open(os.path.join(folder, "cfg.yaml"), "w", encoding="utf-8") as handle:
+        yaml.safe_dump(without_secrets(values), handle, sort_keys=False)
+    return folder, {SECRET_VARIABLES[key]: str(values[key]) for key in SECRET_VARIABLES if values.get(key)}
+
+
 class Jobs:
     """The Ray Jobs API of one cluster (its dashboard address, e.g. http://127.0.0.1:8265)."""
 
@@ -86,12 +99,11 @@ class Jobs:
         self.client = JobSubmissionClient(address)
 
     def submit(self, cfg: LoomConfig) -> str:
-        """`loom train cfg.yaml` as a job, the config (paths made absolute) alone in a fresh working dir."""
-        folder = tempfile.mkdtemp(prefix="loom-board-job-")
-        with open(os.path.join(folder, "cfg.yaml"), "w", encoding="utf-8") as handle:
-            yaml.safe_dump(cfg.model_dump(mode="json", exclude_defaults=True), handle, sort_keys=False)
-        return self.client.submit_job(entrypoint="loom train cfg.yaml", runtime_env={"working_dir": folder},
-                                      entrypoint_num_cpus=0)  # fmt: skip
+        """`loom train cfg.yaml` as a job, the config (paths made absolute) alone in a fresh working dir. A secret
+        key is never written there: the job gets it as the variable its library reads (docs/SECURITY.md)."""
+        folder, secrets = job_folder(cfg)
+        return self.client.submit_job(entrypoint="loom train cfg.yaml", entrypoint_num_cpus=0,
+                                      runtime_env={"working_dir": folder, "env_vars": secrets})  # fmt: skip
 
     def status(self, job_id: str) -> str:
         return str(self.client.get_job_status(job_id).value)
@@ -180,8 +192,12 @@ def build(address: str, base_dir: str):
 
     def on_tick(job_id: str, text: str, cluster: str):
         checked = check_text(text, base_dir)
-        status = jobs(cluster).status(job_id) if job_id else "no job yet"
-        log = jobs(cluster).logs(job_id) if job_id else ""
+        status, log = "no job yet", ""
+        if job_id:
+            try:
+                status, log = jobs(cluster).status(job_id), jobs(cluster).logs(job_id)
+            except Exception as error:  # noqa: BLE001 - a cluster gone away is said on the board, the next tick retries
+                status = f"the cluster at {cluster} does not answer ({type(error).__name__})"
         points = loss_points(make_plan(checked.cfg, base_dir).output_dir) if checked.cfg else []
         frame = pd.DataFrame(points or [], columns=["step", "value", "series"])
         return f"job **{job_id or '-'}**: {status}", log, frame

@@ -53,10 +53,10 @@ ENVIRONMENT: tuple[EnvVar, ...] = (
     EnvVar(
         "FORCE_CHECK_IMPORTS",
         "General",
-        _NOT_YET,
-        "LLaMA-Factory skips transformers' import check of a remote-code model's files unless this is on. Loom "
-        "always runs that check (as FORCE_CHECK_IMPORTS=1 asks), so setting it changes nothing; the skip is not "
-        "built.",
+        _WORKS,
+        "As in LLaMA-Factory: with trust_remote_code, transformers' check that each package a model's own code "
+        "imports is installed is skipped unless this is 1 (a GPU-only import in a branch never run stops nothing).",
+        "orchestrator/environment.py",
     ),
     EnvVar(
         "ALLOW_EXTRA_ARGS",
@@ -273,3 +273,22 @@ def check_environment(env: Mapping[str, str] = os.environ) -> None:
     problems = verbosity_problems() + environment_problems(env) + installed_version_problems(env)
     if problems:
         raise ConfigError(problems, source="the environment")
+
+
+_TRANSFORMERS_CHECK: list = []  # transformers' own check_imports, kept while it is replaced
+
+
+def remote_code_imports(trust_remote_code: bool, env: Mapping[str, str] = os.environ) -> None:
+    """LLaMA-Factory's FORCE_CHECK_IMPORTS, applied before a remote-code model or tokenizer is loaded: by default
+    transformers' check that every package a remote-code file imports is installed is skipped (a GPU-only import
+    such as flash_attn inside a branch that never runs here no longer stops the load); FORCE_CHECK_IMPORTS=1 keeps it."""
+    if not trust_remote_code:
+        return
+    from transformers import dynamic_module_utils as modules
+
+    if enabled(env, "FORCE_CHECK_IMPORTS"):
+        if _TRANSFORMERS_CHECK:
+            modules.check_imports = _TRANSFORMERS_CHECK.pop()
+    elif not _TRANSFORMERS_CHECK:
+        _TRANSFORMERS_CHECK.append(modules.check_imports)
+        modules.check_imports = modules.get_relative_imports

@@ -39,6 +39,9 @@ def model_problems(cfg: Any) -> list[Problem]:
 
     from workers.model import module_name_problems
 
+    from .environment import remote_code_imports
+
+    remote_code_imports(cfg.trust_remote_code)
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code)
         with torch.device("meta"):

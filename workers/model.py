@@ -9,6 +9,7 @@ import torch
 
 from orchestrator.config.values import split_csv
 from orchestrator.data.tokenizer import TokenizerSpec, load_tokenizer
+from orchestrator.environment import remote_code_imports
 
 ATTENTION = {"auto": None, "disabled": "eager", "sdpa": "sdpa", "fa2": "flash_attention_2"}
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
@@ -26,6 +27,7 @@ def load_base_model(cfg: Any, source: str | None = None) -> torch.nn.Module:
     """The causal LM from `source` (default model_name_or_path), or randomly initialised for train_from_scratch."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    remote_code_imports(cfg.trust_remote_code)
     path = source or cfg.model_name_or_path
     common = {"trust_remote_code": cfg.trust_remote_code, "token": cfg.hf_hub_token, "cache_dir": cfg.cache_dir}
     attn = ATTENTION[cfg.flash_attn]

@@ -8,6 +8,7 @@ fails here (a network drop mid-run) is a warning and that tracker stops, never t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -150,7 +151,7 @@ class Trackers:
         self._warn, self._open = warn, {}
         for name in names:
             try:
-                self._open[name] = ADAPTERS[name](TrackerRun(**{**run.__dict__, "run_id": saved_ids.get(name)}), cfg)
+                self._open[name] = ADAPTERS[name](dataclasses.replace(run, run_id=saved_ids.get(name)), cfg)
             except Exception as error:  # noqa: BLE001 - the driver checked what it could; the run goes on
                 warn(f"tracker {name} did not start ({type(error).__name__}: {error}); training goes on without it")
 

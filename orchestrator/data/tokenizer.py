@@ -50,6 +50,9 @@ def template_name(cfg: Any) -> str:
 def load_tokenizer(spec: TokenizerSpec) -> Any:
     from transformers import AutoTokenizer
 
+    from ..environment import remote_code_imports
+
+    remote_code_imports(spec.trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(
         spec.path,
         use_fast=spec.use_fast,

@@ -3,9 +3,11 @@ edits, a key's doc, and the loss curve's points (the browser test is tests/ray/t
 
 from __future__ import annotations
 
+import os
+
 import yaml
 
-from orchestrator.board import check_text, dataset_names, key_doc, loss_points, with_key
+from orchestrator.board import check_text, dataset_names, job_folder, key_doc, loss_points, with_key
 from tests.helpers import DEMO_DATA, REPO
 from workers.trainlog import TrainerLog
 
@@ -46,3 +48,14 @@ def test_a_keys_doc_and_the_curve_from_the_log(tmp_path):
         {"step": 2, "value": 1.8, "series": "eval loss"},
     ]
     assert loss_points(str(tmp_path / "not-yet")) == []
+
+
+def test_a_submitted_jobs_folder_holds_the_config_without_its_secrets(model_dir, tmp_path):
+    token = "hf_PLANTEDsecret0123456789abcdef"
+    checked = check_text(config(model_dir, hf_hub_token=token, learning_rate=1e-3), str(tmp_path))
+    folder, variables = job_folder(checked.cfg)
+    assert os.listdir(folder) == ["cfg.yaml"]
+    written = open(os.path.join(folder, "cfg.yaml")).read()
+    assert token not in written and yaml.safe_load(written)["learning_rate"] == 1e-3
+    assert yaml.safe_load(written)["model_name_or_path"] == os.path.abspath(model_dir)  # paths made absolute
+    assert variables == {"HF_TOKEN": token}

@@ -89,3 +89,56 @@ def test_lmf_is_loom_unless_enable_short_console_turns_it_off():
     off = subprocess.run([str(VENV_BIN / "lmf"), "features"], capture_output=True, text=True, timeout=120,
                          env={"ENABLE_SHORT_CONSOLE": "0", "PATH": "/usr/bin:/bin"})  # fmt: skip
     assert off.returncode == 2 and "the command is `loom`" in off.stderr and off.stdout == ""
+
+
+REMOTE_CONFIG = """from transformers import LlamaConfig
+
+
+class OddConfig(LlamaConfig):
+    model_type = "odd_llama"
+"""
+REMOTE_MODEL = """from transformers import LlamaForCausalLM
+
+from .configuration_odd import OddConfig
+
+
+def _gpu_kernels():
+    import flash_attn_not_installed_here  # a GPU-only path this test never takes
+
+    return flash_attn_not_installed_here
+
+
+class OddForCausalLM(LlamaForCausalLM):
+    config_class = OddConfig
+"""
+
+
+def remote_code_model(tiny_model: str, folder) -> str:
+    """The tiny model as a remote-code model whose modeling file imports a package that is not installed."""
+    import json
+    import shutil
+
+    shutil.copytree(tiny_model, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="odd_llama", auto_map={"AutoConfig": "configuration_odd.OddConfig",
+                                                    "AutoModelForCausalLM": "modeling_odd.OddForCausalLM"})  # fmt: skip
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "configuration_odd.py").write_text(REMOTE_CONFIG)
+    (folder / "modeling_odd.py").write_text(REMOTE_MODEL)
+    return str(folder)
+
+
+def test_force_check_imports_decides_whether_a_remote_code_models_imports_are_checked(tiny_model, tmp_path,
+                                                                                      monkeypatch):  # fmt: skip
+    from workers.model import load_base_model
+
+    path = remote_code_model(tiny_model, tmp_path / "odd")
+    cfg = validate_config({"model_name_or_path": path, "trust_remote_code": True, "template": "default"},
+                          purpose="infer")  # fmt: skip
+    monkeypatch.setenv("FORCE_CHECK_IMPORTS", "1")
+    with pytest.raises(ImportError, match="flash_attn_not_installed_here"):
+        load_base_model(cfg)
+    monkeypatch.delenv("FORCE_CHECK_IMPORTS")
+    # LLaMA-Factory's default: the check is skipped and the model loads (transformers then keeps its class, so the
+    # order here is forced, then default).
+    assert type(load_base_model(cfg)).__name__ == "OddForCausalLM"
