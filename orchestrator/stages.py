@@ -56,9 +56,10 @@ STAGES: dict[str, StageSpec] = {
     spec.name: spec
     for spec in (
         StageSpec("pt", "pre-training: next-token loss on every token of packed text blocks", "pretrain",
-                  needs_response=False, packs=True, packs_by_default=True, module="pt"),
+                  needs_response=False, packs=True, packs_by_default=True, module="pt",
+                  metrics=("accuracy",), keys=("compute_accuracy",)),  # token accuracy, at evaluation
         StageSpec("sft", "supervised fine-tuning: next-token loss on the response tokens", "supervised",
-                  packs=True, module="sft"),
+                  packs=True, module="sft", metrics=("accuracy",), keys=("compute_accuracy",)),
         StageSpec("rm", "reward modelling: a value head scores chosen above rejected (pairwise loss)", "pairwise",
                   ranking=True, unit="pairs", value_head=True,
                   metrics=("accuracy", "scores/chosen", "scores/rejected"), module="rm"),

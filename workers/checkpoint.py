@@ -31,6 +31,7 @@ class TrainState:
     total_steps: int = 0
     finished: bool = False
     world_size: int = 0  # ranks that consumed `batches_in_epoch` each (elastic runs may resume with another count)
+    optimizer_saved: bool = True  # False under save_only_model: a resume starts the optimizer afresh
 
     def rescaled_to(self, world_size: int) -> TrainState:
         """The same data position for another number of ranks: the examples consumed stay the same (exactly the same

@@ -173,10 +173,14 @@ class StageRunner:
     def _resume(self, folder: str) -> TrainState:
         """Optimizer (through the strategy), scheduler, stage state, RNG and data position from a verified
         checkpoint."""
-        self.strategy.load_optimizer(folder)
+        state = restore_checkpoint(folder, self.ctx.rank)
+        if state.optimizer_saved:
+            self.strategy.load_optimizer(folder)
+        else:
+            self.ctx.print0(f"save_only_model: checkpoint step {state.global_step} holds no optimizer state; the "
+                            "optimizer starts afresh (its moments at zero), the schedule and data go on")  # fmt: skip
         self.scheduler.load_state_dict(load_component(folder, "scheduler"))
         self.stage.load_state_dict(load_component(folder, "stage_state") or {})
-        state = restore_checkpoint(folder, self.ctx.rank)
         if state.world_size and state.world_size != self.ctx.world_size:
             self.ctx.print0(f"elastic: the checkpoint was written by {state.world_size} workers, "
                             f"this attempt has {self.ctx.world_size}")  # fmt: skip
@@ -335,10 +339,12 @@ class StageRunner:
         rng_states = self.ctx.gather(rng_state())
         self.state.finished = self.state.global_step >= self.total_steps
         self.state.world_size = self.ctx.world_size
+        self.state.optimizer_saved = not self.cfg.save_only_model
         weights = self.strategy.full_state_dict()  # a collective when the weights are sharded
-        writes = self.ctx.is_main or self.strategy.sharded
+        writes = self.ctx.is_main or (self.strategy.sharded and self.state.optimizer_saved)
         folder = tempfile.mkdtemp(prefix=f"loom-ckpt-{self.state.global_step}-") if writes else None
-        self.strategy.save_optimizer(folder)
+        if self.state.optimizer_saved:
+            self.strategy.save_optimizer(folder)
         written = self.ctx.gather(list_files(folder) if folder else {})
         if self.ctx.is_main:
             others = {name: size for files in written[1:] for name, size in files.items()}

@@ -24,6 +24,14 @@ def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torc
     return loss, count
 
 
+def token_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """(correct, labelled) next-token predictions: the argmax at each labelled position against its label."""
+    shifted_labels = labels[:, 1:]
+    labelled = shifted_labels != IGNORE_INDEX
+    correct = (logits[:, :-1, :].argmax(dim=-1) == shifted_labels) & labelled
+    return float(correct.sum()), float(labelled.sum())
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Sequence log-probabilities
 # --------------------------------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from orchestrator.config.values import split_csv
+from orchestrator.config.values import as_dict, split_csv
 from orchestrator.data.tokenizer import TokenizerSpec, load_tokenizer
 from orchestrator.environment import remote_code_imports
 
@@ -173,14 +173,20 @@ def apply_lora(cfg: Any, model: torch.nn.Module, resume_dir: str | None) -> torc
     return get_peft_model(model, lora_config(cfg, model))
 
 
+def checkpointing_kwargs(cfg: Any) -> dict[str, Any]:
+    """torch.utils.checkpoint's arguments: use_reentrant from use_reentrant_gc, then gradient_checkpointing_kwargs
+    (which wins where both say use_reentrant)."""
+    return {"use_reentrant": cfg.use_reentrant_gc, **as_dict(cfg.gradient_checkpointing_kwargs or {})}
+
+
 def enable_gradient_checkpointing(cfg: Any, model: torch.nn.Module) -> None:
-    kwargs = {"use_reentrant": cfg.use_reentrant_gc}
+    kwargs = checkpointing_kwargs(cfg)
     if hasattr(model, "activation_checkpointing_enable"):  # the transformers 5 name; the old one warns
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.config.use_cache = False
-    if cfg.finetuning_type != "full" and cfg.use_reentrant_gc:
+    if cfg.finetuning_type != "full" and kwargs["use_reentrant"]:
         # Reentrant checkpointing needs an input that requires grad, or frozen embeddings cut the graph.
         model.enable_input_require_grads()
 
@@ -229,7 +235,24 @@ def build_model(cfg: Any, resume_dir: str | None = None, tokenizer: Any = None) 
     upcast(cfg, model)
     if cfg.uses_gradient_checkpointing():
         enable_gradient_checkpointing(cfg, model)
+    if cfg.neftune_noise_alpha:
+        add_neftune(model, cfg.neftune_noise_alpha)
     return model
+
+
+def neftune_noise(embeddings: torch.Tensor, alpha: float) -> torch.Tensor:
+    """NEFTune (Jain et al., 2023): uniform noise in [-m, m] with m = alpha / sqrt(sequence length x hidden size)."""
+    bound = alpha / float(embeddings.shape[1] * embeddings.shape[2]) ** 0.5
+    return embeddings + torch.empty_like(embeddings).uniform_(-bound, bound)
+
+
+def add_neftune(model: torch.nn.Module, alpha: float) -> None:
+    """Noise on the input embeddings' output in training only: evaluation and generation see clean embeddings."""
+
+    def hook(module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        return neftune_noise(output, alpha) if module.training else output
+
+    model.get_input_embeddings().register_forward_hook(hook)
 
 
 def numel(param: torch.nn.Parameter) -> int:

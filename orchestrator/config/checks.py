@@ -157,6 +157,9 @@ def _stage_and_values(cfg: LoomConfig) -> list[Problem]:
         p.append(Problem("lr_scheduler_type", "reduce_lr_on_plateau is not supported yet"))
     if not cfg.do_train:
         p.append(Problem("do_train", "false: evaluation-only and predict runs are not built yet"))
+    p += _checkpointing_kwargs(cfg)
+    if cfg.compute_accuracy and not (cfg.val_size or cfg.eval_dataset):
+        p.append(Problem("compute_accuracy", "true, but nothing is evaluated: set val_size or eval_dataset"))
     return p
 
 
@@ -164,6 +167,27 @@ _TRACKER_KEYS = {
     "logging_dir": "tensorboard",
     **{key: "swanlab" for key in TrackingArgs.model_fields if key != "use_swanlab"},
 }
+
+
+_CHECKPOINT_KWARGS = {"use_reentrant": bool, "preserve_rng_state": bool, "determinism_check": str, "debug": bool}
+
+
+def _checkpointing_kwargs(cfg: LoomConfig) -> list[Problem]:
+    """gradient_checkpointing_kwargs reaches torch.utils.checkpoint in the workers: checked here, not mid-run."""
+    if cfg.gradient_checkpointing_kwargs is None:
+        return []
+    key = "gradient_checkpointing_kwargs"
+    try:
+        given = as_dict(cfg.gradient_checkpointing_kwargs)
+    except (ValueError, TypeError) as error:
+        return [Problem(key, f"given {cfg.gradient_checkpointing_kwargs!r}: {error}")]
+    p = [Problem(key, f"unknown argument {name!r}; known: {', '.join(_CHECKPOINT_KWARGS)}"
+                      f"{did_you_mean(name, _CHECKPOINT_KWARGS)}") for name in given if name not in _CHECKPOINT_KWARGS]  # fmt: skip
+    p += [Problem(key, f"{name}: given {value!r}, a {kind.__name__} is expected") for name, value in given.items()
+          if (kind := _CHECKPOINT_KWARGS.get(name)) and not isinstance(value, kind)]  # fmt: skip
+    if not cfg.uses_gradient_checkpointing():
+        p.append(Problem(key, "set, but gradient checkpointing is off (disable_gradient_checkpointing)"))
+    return p
 
 
 def _trackers(cfg: LoomConfig) -> list[Problem]:

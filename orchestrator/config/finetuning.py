@@ -15,7 +15,9 @@ class FinetuningArgs(BaseModel):
         "lora", "Which parameters train: LoRA adapters, some layers, or all."
     )
     pure_bf16: bool = param(False, "Keep weights and activations in bf16 without mixed-precision autocast.")
-    compute_accuracy: bool = not_yet(False, "Compute token-level accuracy during evaluation.")
+    compute_accuracy: bool = param(
+        False, "pt/sft: token accuracy (argmax against the label) at each evaluation, logged as eval_accuracy."
+    )
     disable_shuffling: bool = param(False, "Read the training set in order instead of shuffling it.")
     plot_loss: bool = param(
         False, "When the run ends, draw training_loss.png (with a smoothed curve), training_eval_loss.png and the "
@@ -33,8 +35,10 @@ class FinetuningArgs(BaseModel):
     lora_dropout: float = param(0.0, "Dropout on the LoRA branch.", ge=0.0, lt=1.0)
     lora_rank: int = param(8, "Rank of the LoRA update matrices.", gt=0)
     lora_target: str = param("all", "Comma-separated module names that get LoRA, or `all` for every linear layer.")
-    loraplus_lr_ratio: float | None = not_yet(None, "LoRA+ learning-rate ratio of B over A.", gt=0)
-    loraplus_lr_embedding: float | None = not_yet(1e-6, "LoRA+ learning rate of embedding layers.", gt=0)
+    loraplus_lr_ratio: float | None = param(
+        None, "LoRA+: the B matrices (and 1-D parameters) learn at this many times learning_rate.", gt=0
+    )
+    loraplus_lr_embedding: float | None = param(1e-6, "LoRA+: the learning rate of a LoRA embedding's B.", gt=0)
     use_rslora: bool = param(False, "Rank-stabilised LoRA scaling (alpha / sqrt(rank)).")
     use_dora: bool = param(False, "Weight-decomposed LoRA (DoRA).")
     pissa_init: bool = param(False, "Initialise the adapter with PiSSA (principal singular values).")

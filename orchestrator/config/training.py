@@ -79,10 +79,10 @@ class TrainingArgs(BaseModel):
     save_total_limit: int | None = param(
         None, "Keep at most this many checkpoints in the run directory.", ge=1, source=_TF
     )
-    save_only_model: bool = not_yet(
+    save_only_model: bool = param(
         False,
-        "Checkpoint only the model, without optimizer and scheduler.",
-        "checkpoints always hold the full state",
+        "Checkpoints without the optimizer state (the largest part): a resume restarts the optimizer, while the "
+        "weights, schedule, RNG and data position go on.",
         source=_TF,
     )
     seed: int = param(42, "Random seed for model init, shuffling and dropout.", source=_TF)
@@ -95,8 +95,11 @@ class TrainingArgs(BaseModel):
         "Recompute activations in the backward pass; on by default unless disable_gradient_checkpointing.",
         source=_TF,
     )
-    gradient_checkpointing_kwargs: dict | None = not_yet(
-        None, "Extra arguments of gradient checkpointing.", "use use_reentrant_gc", source=_TF
+    gradient_checkpointing_kwargs: str | dict | None = param(
+        None,
+        "Arguments of torch.utils.checkpoint (a mapping or JSON string): use_reentrant (wins over use_reentrant_gc), "
+        "preserve_rng_state, determinism_check, debug.",
+        source=_TF,
     )
     ddp_timeout: int = param(1800, "Seconds before a collective operation times out.", ge=1, source=_TF)
     ddp_find_unused_parameters: bool | None = param(
@@ -149,7 +152,9 @@ class TrainingArgs(BaseModel):
     push_to_hub: bool = not_yet(False, "Upload the final model to the Hugging Face Hub.", source=_TF)
     hub_model_id: str | None = not_yet(None, "Hub repository for push_to_hub.", source=_TF)
     torch_compile: bool = not_yet(False, "Compile the model with torch.compile.", source=_TF)
-    neftune_noise_alpha: float | None = not_yet(None, "NEFTune embedding-noise scale.", source=_TF)
+    neftune_noise_alpha: float | None = param(
+        None, "NEFTune: uniform noise of this scale on the input embeddings, in training only.", gt=0, source=_TF
+    )
     logging_dir: str | None = param(None, "TensorBoard's folder (default output_dir/runs).", source=_TF)
     disable_tqdm: bool = param(
         False, "Loom prints no progress bars in workers; accepted for compatibility.", source=_TF

@@ -252,3 +252,18 @@ def assert_trackers_hold_the_log(output_dir: str, margins: list[float], resumed_
     assert wandb[-1]["config"]["stage"] == "dpo" and "hf_hub_token" not in wandb[-1]["config"]
     experiments = swanlab_experiments(os.path.join(output_dir, "swanlog"))
     assert max(step for run in experiments.values() for step, _ in run["train/rewards/margins"]) == 8
+
+
+def test_save_only_model_checkpoints_have_no_optimizer_and_a_restart_starts_it_afresh(
+    ray_cluster, train_config, tmp_path
+):
+    """save_only_model: no checkpoint holds optimizer state; a worker killed mid-run restarts from the committed
+    checkpoint with a fresh optimizer (said once), and every step is still logged once."""
+    raw = train_config(max_steps=6, save_steps=2, ray_max_failures=1, ray_run_name="model-only", save_only_model=True)
+    run_dir = os.path.join(raw["ray_storage_path"], "model-only")
+    committed_at_kill, _, output = kill_a_worker_and_finish(ray_cluster, raw, tmp_path, after_step=3)
+    names = checkpoints(run_dir)
+    assert names and all(not os.path.exists(os.path.join(run_dir, name, "optimizer.pt")) for name in names)
+    assert {"model", "scheduler.pt", "trainer_state.json"} <= set(os.listdir(os.path.join(run_dir, names[-1])))
+    assert f"checkpoint step {committed_at_kill} holds no optimizer state" in output
+    assert steps_logged(raw["output_dir"]) == list(range(1, 7))

@@ -202,3 +202,38 @@ def test_streaming_sft_with_one_evaluation_per_dataset(ray_cluster, train_config
     records = logged(outcome.output_dir)
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert {"eval_held_a.jsonl_loss", "eval_held_b.jsonl_loss"} <= set(records[-1])
+
+
+def test_loraplus_trains_the_b_matrices_at_ratio_times_the_learning_rate(ray_cluster, train_config):
+    """LoRA+ on 2 CPU workers: the optimizer state the checkpoint holds has B's group at 16 x lr, A's at lr, and
+    the B matrices, which start at zero, have moved."""
+    raw = train_config(finetuning_type="lora", lora_rank=8, loraplus_lr_ratio=16, learning_rate=1e-3,
+                       lr_scheduler_type="constant", max_steps=4, save_steps=4, ray_run_name="loraplus")  # fmt: skip
+    outcome = run(raw, ray_cluster)
+    state = torch.load(os.path.join(outcome.plan.run_dir, "checkpoint-000004", "optimizer.pt"), weights_only=False)
+    lrs = {group["name"]: group["lr"] for group in state["param_groups"]}
+    assert lrs["loraplus_a"] == pytest.approx(1e-3) and lrs["loraplus_b"] == pytest.approx(1.6e-2)
+    from safetensors.torch import load_file
+
+    adapter = load_file(os.path.join(outcome.output_dir, "adapter_model.safetensors"))
+    assert all(float(w.abs().max()) > 0 for name, w in adapter.items() if "lora_B" in name)
+
+
+def test_neftune_noise_changes_the_training_loss_and_never_the_evaluation(ray_cluster, train_config):
+    """Every step trains on the same 8 rows (2 workers x 4) with a learning rate too small to move the weights, and
+    evaluates on those 8 rows: the eval loss is the same at every step, so the weights did not move; the training
+    loss differs from it and from step to step, which only NEFTune's noise can do. compute_accuracy adds the
+    evaluation's token accuracy, the same at every step too, and never a training one."""
+    raw = train_config(finetuning_type="lora", neftune_noise_alpha=5, learning_rate=1e-12, lr_scheduler_type="constant",
+                       max_samples=8, eval_dataset="loom_demo_sft", do_eval=True, eval_strategy="steps", eval_steps=1,
+                       max_steps=3, save_steps=3, ray_run_name="neftune", compute_accuracy=True)  # fmt: skip
+    records = logged(run(raw, ray_cluster).output_dir)
+    train_losses = [r["loss"] for r in records if "loss" in r]
+    eval_losses = [r["eval_loss"] for r in records if "eval_loss" in r]
+    assert len(train_losses) == len(eval_losses) == 3
+    assert max(eval_losses) - min(eval_losses) < 1e-5  # clean embeddings at evaluation, weights unmoved
+    assert min(abs(loss - eval_losses[0]) for loss in train_losses) > 1e-3
+    assert max(train_losses) - min(train_losses) > 1e-3  # a fresh draw of noise at every step
+    accuracies = [r["eval_accuracy"] for r in records if "eval_accuracy" in r]
+    assert len(accuracies) == 3 and 0 <= accuracies[0] <= 1 and len(set(accuracies)) == 1  # weights unmoved
+    assert not any("accuracy" in r for r in records)

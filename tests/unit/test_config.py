@@ -104,6 +104,13 @@ def test_error_message_names_source_and_counts(model_dir):
         ({"report_to": "tensorboard,wandbb"}, "report_to", "did you mean 'wandb'"),
         ({"flash_attn": "fa2"}, "flash_attn", "GPU"),
         (
+            {"gradient_checkpointing_kwargs": {"use_reentrnt": False}},
+            "gradient_checkpointing_kwargs",
+            "did you mean 'use_reentrant'",
+        ),
+        ({"gradient_checkpointing_kwargs": {"debug": "yes"}}, "gradient_checkpointing_kwargs", "a bool is expected"),
+        ({"compute_accuracy": True}, "compute_accuracy", "nothing is evaluated"),
+        (
             {"gradient_checkpointing": True, "disable_gradient_checkpointing": True},
             "gradient_checkpointing",
             "true too",

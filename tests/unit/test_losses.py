@@ -616,3 +616,13 @@ def test_running_moments_state_dict_round_trip_and_empty_update():
     assert restored.count == 6.0
     assert restored.mean == pytest.approx(everything.mean().item())
     assert restored.std == pytest.approx(everything.std().item())
+
+
+def test_token_accuracy_counts_labelled_next_token_argmax_hits():
+    from workers.losses import token_accuracy
+
+    logits = torch.full((1, 4, 5), -10.0)
+    logits[0, 0, 2] = logits[0, 1, 3] = logits[0, 2, 1] = 10.0  # predicts 2, 3, 1 for positions 1, 2, 3
+    labels = torch.tensor([[-100, 2, 4, 1]])  # position 1 right, 2 wrong, 3 right
+    assert token_accuracy(logits, labels) == (2.0, 3.0)
+    assert token_accuracy(logits, torch.tensor([[-100, -100, -100, 1]])) == (1.0, 1.0)  # prompts do not count

@@ -45,6 +45,15 @@ def test_gradient_checkpointing_follows_the_seed_default(tiny_model):
     assert not off.base_model.model.is_activation_checkpointing
 
 
+def test_gradient_checkpointing_kwargs_reach_torch_checkpoint(tiny_model):
+    def checkpoint_keywords(model) -> dict:
+        return model.base_model.model.model.layers[0]._gradient_checkpointing_func.keywords
+
+    assert checkpoint_keywords(build_model(tiny_config(tiny_model))) == {"use_reentrant": True}
+    cfg = tiny_config(tiny_model, gradient_checkpointing_kwargs='{"use_reentrant": false, "preserve_rng_state": false}')
+    assert checkpoint_keywords(build_model(cfg)) == {"use_reentrant": False, "preserve_rng_state": False}
+
+
 @pytest.mark.parametrize(
     "optim", ["adamw_torch", "adamw_torch_fused", "adamw_hf", "adafactor", "sgd", "adagrad", "rmsprop"]
 )
@@ -60,6 +69,36 @@ def test_every_offered_optimizer_steps(tiny_model, optim):
     optimizer.step()
     scheduler.step()
     assert scheduler.get_last_lr()[0] == pytest.approx(cfg.learning_rate)  # warm-up done, cosine at its peak
+
+
+def test_loraplus_puts_the_b_matrices_at_ratio_times_the_learning_rate(tiny_model):
+    cfg = tiny_config(tiny_model, loraplus_lr_ratio=16, learning_rate=1e-3, weight_decay=0.1, lora_rank=4,
+                      additional_target="norm")  # a 1-D trainable parameter too  # fmt: skip
+    model = build_model(cfg)
+    optimizer = build_optimizer(cfg, model)
+    groups = {group["name"]: group for group in optimizer.param_groups}
+    assert {name: (g["lr"], g["weight_decay"]) for name, g in groups.items()} == {
+        "loraplus_a": (1e-3, 0.1), "loraplus_b": (pytest.approx(1.6e-2), 0.1),
+        "loraplus_b_no_decay": (pytest.approx(1.6e-2), 0.0)}  # fmt: skip
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all("lora_B" in names[id(p)] for p in groups["loraplus_b"]["params"])
+    assert all("lora_A" in names[id(p)] for p in groups["loraplus_a"]["params"])
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == sum(p.requires_grad for p in model.parameters())
+
+
+def test_neftune_adds_bounded_noise_to_the_embeddings_in_training_only(tiny_model):
+    plain, noisy = build_model(tiny_config(tiny_model)), build_model(tiny_config(tiny_model, neftune_noise_alpha=5))
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    clean = plain.get_input_embeddings()(ids)
+    noisy.train()
+    trained = noisy.get_input_embeddings()(ids)
+    bound = 5 / (ids.shape[1] * clean.shape[-1]) ** 0.5
+    difference = (trained - clean).abs()
+    assert 0 < float(difference.max()) <= bound + 1e-6 and float(difference.mean()) > bound / 4
+    noisy.eval()
+    assert torch.equal(noisy.get_input_embeddings()(ids), clean)  # evaluation and generation: no noise
+    with torch.no_grad():
+        assert torch.equal(noisy(input_ids=ids).logits, plain.eval()(input_ids=ids).logits)
 
 
 def marker(folder, status, run_name):

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from ..collate import IGNORE_INDEX, model_inputs, pad_batch
-from ..losses import causal_lm_loss_sum
+from ..losses import causal_lm_loss_sum, token_accuracy
 from .base import BaseStage, StageOutput
 
 
@@ -30,4 +30,6 @@ class CausalLMStage(BaseStage):
     def forward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> StageOutput:
         logits = model(**model_inputs(batch)).logits
         loss_sum, _ = causal_lm_loss_sum(logits, batch["labels"])
+        if self.cfg.compute_accuracy and not model.training:  # compute_accuracy: token accuracy at evaluation
+            return StageOutput(loss_sum, {"accuracy": token_accuracy(logits.detach(), batch["labels"])})
         return StageOutput(loss_sum)
