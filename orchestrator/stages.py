@@ -95,8 +95,7 @@ def reference_source(cfg: Any) -> tuple[str, str | None]:
     if cfg.ref_model:
         return cfg.ref_model, cfg.ref_model_adapters
     if cfg.finetuning_type == "lora":
-        adapters = [a.strip() for a in (cfg.adapter_name_or_path or "").split(",") if a.strip()]
-        return cfg.model_name_or_path, ",".join(adapters[:-1]) or None
+        return cfg.model_name_or_path, ",".join(cfg.merged_adapters()) or None
     return cfg.model_name_or_path, None
 
 

@@ -160,15 +160,12 @@ def lora_config(cfg: Any, model: torch.nn.Module) -> Any:
 def apply_lora(cfg: Any, model: torch.nn.Module, resume_dir: str | None) -> torch.nn.Module:
     from peft import PeftModel, get_peft_model
 
-    adapters = split_csv(cfg.adapter_name_or_path)
-    if resume_dir:
-        # The checkpoint's adapter already contains everything trained so far, earlier adapters merged in.
-        for path in adapters[:-1]:
-            model = PeftModel.from_pretrained(model, path).merge_and_unload()
+    for path in cfg.merged_adapters():
+        model = PeftModel.from_pretrained(model, path).merge_and_unload()
+    if resume_dir:  # the checkpoint's adapter holds everything trained so far
         return PeftModel.from_pretrained(model, resume_dir, is_trainable=True)
-    if adapters:
-        for path in adapters[:-1]:
-            model = PeftModel.from_pretrained(model, path).merge_and_unload()
+    adapters = split_csv(cfg.adapter_name_or_path)
+    if adapters and not cfg.create_new_adapter:  # training continues the last adapter
         return PeftModel.from_pretrained(model, adapters[-1], is_trainable=True)
     return get_peft_model(model, lora_config(cfg, model))
 

@@ -318,6 +318,8 @@ def _paths(cfg: LoomConfig) -> list[Problem]:
     for adapter in split_csv(cfg.adapter_name_or_path):
         if not has_file(adapter, "adapter_config.json"):
             p.append(Problem("adapter_name_or_path", f"{adapter!r} is not an adapter folder (no adapter_config.json)"))
+    if cfg.create_new_adapter and not cfg.adapter_name_or_path:
+        p.append(Problem("create_new_adapter", "true, but adapter_name_or_path names no adapters to merge first"))
     if cfg.adapter_name_or_path and cfg.finetuning_type != "lora":
         p.append(
             Problem(

@@ -44,7 +44,9 @@ class FinetuningArgs(BaseModel):
     pissa_init: bool = param(False, "Initialise the adapter with PiSSA (principal singular values).")
     pissa_iter: int | None = param(16, "Fast-SVD iterations for PiSSA; -1 runs a full SVD.", ge=-1)
     pissa_convert: bool = not_yet(False, "Convert a trained PiSSA adapter into a plain LoRA adapter on save.")
-    create_new_adapter: bool = not_yet(False, "Start a new randomly initialised adapter on top of the loaded ones.")
+    create_new_adapter: bool = param(
+        False, "LoRA: merge every adapter of adapter_name_or_path into the base and train a fresh adapter on top."
+    )
 
     # freeze
     freeze_trainable_layers: int = param(

@@ -78,6 +78,13 @@ class LoomConfig(*GROUPS):
     def dataset_names(self) -> list[str]:
         return split_csv(self.dataset)
 
+    def merged_adapters(self) -> list[str]:
+        """The adapters of adapter_name_or_path merged into the base before LoRA training: all of them with
+        create_new_adapter (a fresh adapter is trained on top), else all but the last (which training continues).
+        The base with these merged is also the LoRA policy's reference (its trained adapter disabled)."""
+        adapters = split_csv(self.adapter_name_or_path)
+        return adapters if self.create_new_adapter else adapters[:-1]
+
     def shuffle_seed(self) -> int:
         return self.data_seed if self.data_seed is not None else self.seed
 

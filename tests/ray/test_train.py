@@ -237,3 +237,18 @@ def test_neftune_noise_changes_the_training_loss_and_never_the_evaluation(ray_cl
     accuracies = [r["eval_accuracy"] for r in records if "eval_accuracy" in r]
     assert len(accuracies) == 3 and 0 <= accuracies[0] <= 1 and len(set(accuracies)) == 1  # weights unmoved
     assert not any("accuracy" in r for r in records)
+
+
+def test_create_new_adapter_trains_a_fresh_adapter_over_a_finished_runs(ray_cluster, train_config, trained_sft):
+    """The session's trained adapter merged into the base on both workers, a new adapter trained on top: what the
+    run saves is the new adapter (different from the merged one), and the two together answer as one model."""
+    from safetensors.torch import load_file
+
+    raw = train_config(finetuning_type="lora", adapter_name_or_path=trained_sft.output_dir, create_new_adapter=True,
+                       max_steps=2, save_steps=2, ray_run_name="new-adapter")  # fmt: skip
+    outcome = run(raw, ray_cluster)
+    new = load_file(os.path.join(outcome.output_dir, "adapter_model.safetensors"))
+    old = load_file(os.path.join(trained_sft.output_dir, "adapter_model.safetensors"))
+    assert new.keys() == old.keys()
+    assert all(float((new[k] - old[k]).abs().max()) > 0 for k in new if "lora_B" in k)  # not the old one, continued
+    assert all(float(new[k].abs().max()) < float(old[k].abs().max()) for k in new if "lora_B" in k)  # 2 steps from 0

@@ -28,6 +28,27 @@ def test_continue_training_from_an_adapter(tiny_model, tmp_path):
     assert b_weights and all(p.requires_grad and torch.all(p == 0.5) for p in b_weights)
 
 
+def test_create_new_adapter_merges_the_given_adapters_and_trains_a_fresh_one(tiny_model, tmp_path):
+    from orchestrator.stages import reference_source
+
+    first = build_model(tiny_config(tiny_model, lora_rank=4))
+    with torch.no_grad():
+        for name, param in first.named_parameters():
+            if "lora_B" in name:
+                param.fill_(0.5)
+    first.save_pretrained(tmp_path / "adapter")
+    cfg = tiny_config(tiny_model, adapter_name_or_path=str(tmp_path / "adapter"), create_new_adapter=True)
+    fresh = build_model(cfg)
+    b_weights = [p for n, p in fresh.named_parameters() if "lora_B" in n]
+    assert b_weights and all(p.requires_grad and torch.all(p == 0) for p in b_weights)  # a new adapter
+    merged = fresh.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight
+    original = build_model(tiny_config(tiny_model)).base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight
+    assert not torch.allclose(merged, original)  # the earlier adapter is in the base now
+    assert reference_source(cfg) == (tiny_model, str(tmp_path / "adapter"))  # the reference: base + merged adapter
+    assert reference_source(tiny_config(tiny_model, adapter_name_or_path=str(tmp_path / "adapter"))) == (
+        tiny_model, None)  # continuing the adapter: its reference is the base  # fmt: skip
+
+
 def test_pissa_rslora_and_pure_bf16(tiny_model):
     pissa = build_model(tiny_config(tiny_model, pissa_init=True, pissa_iter=2, use_rslora=True, lora_rank=4))
     config = pissa.peft_config["default"]
