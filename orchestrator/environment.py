@@ -128,14 +128,14 @@ ENVIRONMENT: tuple[EnvVar, ...] = (
         "NNODES",
         "Torchrun",
         _REFUSED,
-        _TORCHRUN + "with its Ray mapping: ray_num_workers = NNODES x NPROC_PER_NODE, on a cluster of NNODES nodes.",
+        _TORCHRUN + "on Ray: ray_num_workers = NNODES x NPROC_PER_NODE, on a cluster of NNODES nodes.",
     ),  # fmt: skip
     EnvVar("NODE_RANK", "Torchrun", _REFUSED, _TORCHRUN + "Ray Train gives each worker its rank."),
     EnvVar(
         "NPROC_PER_NODE",
         "Torchrun",
         _REFUSED,
-        _TORCHRUN + "with its Ray mapping: ray_num_workers (x NNODES) and resources_per_worker GPU: 1.",
+        _TORCHRUN + "on Ray: ray_num_workers (x NNODES) and resources_per_worker GPU: 1.",
     ),  # fmt: skip
     EnvVar(
         "WANDB_DISABLED", "Log", _WORKS, "true takes wandb out of report_to (and of `all`).", "orchestrator/trackers.py"
@@ -221,9 +221,10 @@ def environment_problems(env: Mapping[str, str] = os.environ) -> list[Problem]:
     if _set(env, "NNODES") or _set(env, "NPROC_PER_NODE"):
         nodes, per_node = env.get("NNODES", "1").strip() or "1", env.get("NPROC_PER_NODE", "").strip() or "1"
         if nodes.isdigit() and per_node.isdigit():
-            problems.append(Problem("ray_num_workers", f"NNODES x NPROC_PER_NODE: on Ray, ray_num_workers: {int(nodes) * int(per_node)} with "
-                                              f"resources_per_worker: {{GPU: 1}}, on a Ray cluster of {nodes} "
-                                              "node(s) (clusters/ has KubeRay manifests)"))  # fmt: skip
+            workers = int(nodes) * int(per_node)
+            problems.append(Problem("ray_num_workers", f"NNODES x NPROC_PER_NODE: on Ray, ray_num_workers: {workers} "
+                                                       f"with resources_per_worker: {{GPU: 1}}, on a Ray cluster of "
+                                                       f"{nodes} node(s) (clusters/ has KubeRay manifests)"))  # fmt: skip
     if _set(env, "USE_RAY") and not enabled(env, "USE_RAY"):
         problems.append(Problem("USE_RAY", f"given {env['USE_RAY']!r}; Loom always runs on Ray (unset it or set 1)"))
     return problems
