@@ -169,6 +169,7 @@ def build(address: str, base_dir: str):
 
     clients: dict[str, Jobs] = {}
     engines: dict[str, Any] = {}
+    outputs: dict[str, str] = {}  # job id -> the output_dir its curve is read from (the editor may change since)
 
     def jobs(cluster: str) -> Jobs:
         clients[cluster] = clients.get(cluster) or Jobs(cluster)
@@ -185,20 +186,21 @@ def build(address: str, base_dir: str):
             job_id = jobs(cluster).submit(checked.cfg)
         except Exception as error:  # noqa: BLE001 - an unreachable cluster is said on the board
             return "", f"not submitted: the cluster at {cluster} did not take the job ({error})"
+        outputs[job_id] = make_plan(checked.cfg, base_dir).output_dir
         return job_id, f"submitted **{job_id}** to {cluster}"
 
     def on_stop(job_id: str, cluster: str) -> str:
         return f"stop asked of {job_id}" if job_id and jobs(cluster).stop(job_id) else "no running job to stop"
 
-    def on_tick(job_id: str, text: str, cluster: str):
-        checked = check_text(text, base_dir)
+    def on_tick(job_id: str, cluster: str):
+        """The job's status, log and curve every 2 s: no config is checked again here."""
         status, log = "no job yet", ""
         if job_id:
             try:
                 status, log = jobs(cluster).status(job_id), jobs(cluster).logs(job_id)
             except Exception as error:  # noqa: BLE001 - a cluster gone away is said on the board, the next tick retries
                 status = f"the cluster at {cluster} does not answer ({type(error).__name__})"
-        points = loss_points(make_plan(checked.cfg, base_dir).output_dir) if checked.cfg else []
+        points = loss_points(outputs[job_id]) if job_id in outputs else []
         frame = pd.DataFrame(points or [], columns=["step", "value", "series"])
         return f"job **{job_id or '-'}**: {status}", log, frame
 
@@ -261,7 +263,7 @@ def build(address: str, base_dir: str):
         submit.click(on_submit, [editor, cluster], [job_id, said])
         resume.click(on_submit, [editor, cluster], [job_id, said])
         stop.click(on_stop, [job_id, cluster], said)
-        gr.Timer(2).tick(on_tick, [job_id, editor, cluster], [status, log, curve])
+        gr.Timer(2).tick(on_tick, [job_id, cluster], [status, log, curve])
         show.click(on_checkpoints, editor, listing)
         message.submit(on_chat, [message, chat, editor], [message, chat])
     return board

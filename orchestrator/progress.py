@@ -68,7 +68,9 @@ class ProgressFollower:
         self.live = self.stream.isatty() if live is None else live
         self.progress = Progress(total_steps)
         self._shown, self._drawn = after_step, False
-        self._earlier = self._file_id()
+        self._earlier = self._file_id()  # an earlier attempt's file, never read
+        self._following: tuple[int, int] | None = None  # the file read now, and how far
+        self._offset = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._follow, name="loom-progress", daemon=True)
 
@@ -96,18 +98,25 @@ class ProgressFollower:
         return stat.st_ino, stat.st_dev
 
     def _records(self) -> list[dict[str, Any]]:
-        """The whole lines of this attempt's log with a step beyond the last shown (a restarted attempt's redone
-        steps are not shown twice)."""
-        if self._earlier is not None and self._file_id() == self._earlier:
+        """The whole lines appended to this attempt's log since the last poll (only the new bytes are read; a file
+        replaced under us, as a restart rewrites it, is read from its start), with a step beyond the last shown (a
+        restarted attempt's redone steps are not shown twice)."""
+        current = self._file_id()
+        if current is None or current == self._earlier:
             return []
+        self._earlier = None  # replaced once: every later file is this run's (even one on a reused inode)
+        if current != self._following:
+            self._following, self._offset = current, 0
         try:
-            with open(self.path, encoding="utf-8") as handle:
-                lines = handle.read().split("\n")[:-1]  # the last piece is partial (or empty)
+            with open(self.path, "rb") as handle:
+                handle.seek(self._offset)
+                appended = handle.read()
         except OSError:
             return []
-        self._earlier = None  # replaced once: every later file is this run's
+        whole = appended[: appended.rfind(b"\n") + 1]  # a line still being written waits for the next poll
+        self._offset += len(whole)
         records = []
-        for line in lines:
+        for line in whole.decode("utf-8", errors="replace").splitlines():
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
+from .environment import enabled
 from .errors import Problem
 from .suggest import did_you_mean
 
@@ -23,22 +24,20 @@ class TrackerSpec:
     name: str
     module: str  # what the worker imports
     package: str  # what to pip install
-    where: str  # where its files go by default (under output_dir), for the docs and messages
 
 
 TRACKERS: dict[str, TrackerSpec] = {
     spec.name: spec
     for spec in (
-        TrackerSpec("wandb", "wandb", "wandb", "output_dir/wandb (offline mode) or the W&B server"),
-        TrackerSpec("tensorboard", "tensorboard", "tensorboard", "logging_dir, default output_dir/runs"),
-        TrackerSpec("mlflow", "mlflow", "mlflow-skinny", "MLFLOW_TRACKING_URI, default file:output_dir/mlruns"),
-        TrackerSpec("swanlab", "swanlab", "swanlab[dashboard]", "output_dir/swanlog (local mode) or SwanLab cloud"),
+        TrackerSpec("wandb", "wandb", "wandb"),
+        TrackerSpec("tensorboard", "tensorboard", "tensorboard"),
+        TrackerSpec("mlflow", "mlflow", "mlflow-skinny"),
+        TrackerSpec("swanlab", "swanlab", "swanlab[dashboard]"),
     )
 }
 
 EXTRA = "pip install 'loom[trackers]'"  # installs every tracker above
 _OFF = ("none", "")
-_TRUE = ("1", "true", "yes", "on")
 
 
 def installed(name: str) -> bool:
@@ -58,16 +57,13 @@ def requested(report_to: str | list, use_swanlab: bool, env: Mapping[str, str] =
         names = (names - {"all"}) | {name for name in TRACKERS if installed(name)}
     if use_swanlab:
         names.add("swanlab")
-    if env.get("WANDB_DISABLED", "").strip().lower() in _TRUE:
+    if enabled(env, "WANDB_DISABLED"):
         names.discard("wandb")
     return [name for name in TRACKERS if name in names]
 
 
 def wandb_offline(env: Mapping[str, str] = os.environ) -> bool:
-    return (
-        env.get("WANDB_MODE", "").strip().lower() in ("offline", "disabled")
-        or env.get("WANDB_OFFLINE", "").strip().lower() in _TRUE
-    )
+    return env.get("WANDB_MODE", "").strip().lower() in ("offline", "disabled") or enabled(env, "WANDB_OFFLINE")
 
 
 def _wandb_logged_in(env: Mapping[str, str]) -> bool:
@@ -145,7 +141,8 @@ def _swanlab_logged_in(env: Mapping[str, str]) -> bool:
 def tracker_metrics(record: Mapping[str, object]) -> dict[str, float]:
     """A trainer_log.jsonl line as the trackers name it (as transformers' callbacks do): `eval_<name>` becomes
     `eval/<name>` (`eval_<dataset>_loss` -> `eval/<dataset>_loss`), every other number `train/<name>`, the step
-    `train/global_step` (the line's wall-clock `time` is left out); a per-rank list (memory_peak_gb) one value per rank; what is not a number is left out."""
+    `train/global_step`; a per-rank list (memory_peak_gb) one value per rank. The line's wall-clock `time` and
+    what is not a number are left out."""
     out: dict[str, float] = {}
     for key, value in record.items():
         if key == "time":  # the trackers stamp their own

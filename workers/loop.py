@@ -21,6 +21,7 @@ import torch
 from orchestrator.config.schema import without_secrets
 from orchestrator.data.templates import get_template, missing_stop_words
 from orchestrator.data.tokenizer import template_name
+from orchestrator.environment import enabled
 from orchestrator.plan import RUN_MARKER, RunPlan, accumulation_for
 
 from .checkpoint import (
@@ -47,7 +48,7 @@ STEP_DELAY_S = float(os.environ.get("LOOM_STEP_DELAY_S", "0"))
 
 # LLaMA-Factory's RECORD_VRAM: each logged step also records every worker's peak device memory (forwarded to the
 # workers by the driver, as LOOM_* variables are).
-RECORD_VRAM = os.environ.get("RECORD_VRAM", "").strip().lower() in ("1", "true", "yes", "on")
+RECORD_VRAM = enabled(os.environ, "RECORD_VRAM")
 
 
 class RunIO(Protocol):

@@ -11,6 +11,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from ..environment import enabled
 from ..errors import Problem
 from ..stages import STAGES
 from ..suggest import did_you_mean
@@ -207,19 +208,15 @@ def _stage_problems(spec: DatasetSpec, stage: str, key: str) -> list[Problem]:
 def _hub_source(entry: dict) -> HubSource | None:
     """The hub an entry loads from, chosen as LLaMA-Factory does (USE_MODELSCOPE_HUB / USE_OPENMIND_HUB)."""
     hf, ms, om = (entry.get(k) for k in ("hf_hub_url", "ms_hub_url", "om_hub_url"))
-    if ms and (_env_flag("USE_MODELSCOPE_HUB") or not hf):
+    if ms and (enabled(os.environ, "USE_MODELSCOPE_HUB") or not hf):
         load_from, path = "ms_hub", ms
-    elif om and (_env_flag("USE_OPENMIND_HUB") or not hf):
+    elif om and (enabled(os.environ, "USE_OPENMIND_HUB") or not hf):
         load_from, path = "om_hub", om
     elif hf:
         load_from, path = "hf_hub", hf
     else:
         return None
     return HubSource(load_from, str(path), entry.get("subset"), entry.get("split", "train"), entry.get("folder"))
-
-
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "0").lower() in ("1", "true")
 
 
 def hub_problem(hub: HubSource) -> str | None:
@@ -233,7 +230,7 @@ def hub_problem(hub: HubSource) -> str | None:
         return None
     if os.path.isdir(hub.path):
         return None
-    if _env_flag("HF_HUB_OFFLINE") or _env_flag("HF_DATASETS_OFFLINE"):
+    if enabled(os.environ, "HF_HUB_OFFLINE") or enabled(os.environ, "HF_DATASETS_OFFLINE"):
         return None if _hf_cached(hub.path) else (
             f"hf_hub_url {hub.path!r} cannot be downloaded: offline mode (HF_HUB_OFFLINE=1) and it is not in the "
             "local Hugging Face cache; download it where there is network, or point file_name at local files"

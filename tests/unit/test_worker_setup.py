@@ -16,13 +16,18 @@ from workers.model import build_model
 from workers.optim import build_optimizer, build_scheduler
 
 
-def test_continue_training_from_an_adapter(tiny_model, tmp_path):
+def saved_adapter(tiny_model: str, folder) -> None:
+    """A rank-4 LoRA adapter of the tiny model whose B matrices are all 0.5, saved in `folder`."""
     first = build_model(tiny_config(tiny_model, lora_rank=4))
     with torch.no_grad():
         for name, param in first.named_parameters():
             if "lora_B" in name:
                 param.fill_(0.5)
-    first.save_pretrained(tmp_path / "adapter")
+    first.save_pretrained(folder)
+
+
+def test_continue_training_from_an_adapter(tiny_model, tmp_path):
+    saved_adapter(tiny_model, tmp_path / "adapter")
     second = build_model(tiny_config(tiny_model, adapter_name_or_path=str(tmp_path / "adapter")))
     b_weights = [p for n, p in second.named_parameters() if "lora_B" in n]
     assert b_weights and all(p.requires_grad and torch.all(p == 0.5) for p in b_weights)
@@ -31,12 +36,7 @@ def test_continue_training_from_an_adapter(tiny_model, tmp_path):
 def test_create_new_adapter_merges_the_given_adapters_and_trains_a_fresh_one(tiny_model, tmp_path):
     from orchestrator.stages import reference_source
 
-    first = build_model(tiny_config(tiny_model, lora_rank=4))
-    with torch.no_grad():
-        for name, param in first.named_parameters():
-            if "lora_B" in name:
-                param.fill_(0.5)
-    first.save_pretrained(tmp_path / "adapter")
+    saved_adapter(tiny_model, tmp_path / "adapter")
     cfg = tiny_config(tiny_model, adapter_name_or_path=str(tmp_path / "adapter"), create_new_adapter=True)
     fresh = build_model(cfg)
     b_weights = [p for n, p in fresh.named_parameters() if "lora_B" in n]
