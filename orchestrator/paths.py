@@ -17,7 +17,11 @@ OUTPUT_PATH_KEYS = (
     "logging_dir",
 )
 # Config keys holding local paths (or hub ids, or URIs); inputs are made absolute when they exist here.
-LOCAL_PATH_KEYS = ("model_name_or_path", "dataset_dir", "ref_model", "reward_model", *OUTPUT_PATH_KEYS)
+LOCAL_PATH_KEYS = ("model_name_or_path", "dataset_dir", "ref_model", "reward_model", "resume_from_checkpoint",
+                   *OUTPUT_PATH_KEYS)  # fmt: skip
+
+CHECKPOINT_MANIFEST = "loom_checkpoint.json"  # written last into each of Loom's checkpoint folders
+TRANSFORMERS_STATE = "trainer_state.json"  # what a transformers Trainer (and LLaMA-Factory) checkpoint-N holds
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -35,3 +39,18 @@ def resolve_path(path: str, base_dir: str) -> str:
     if is_uri(path):
         return path.rstrip("/")
     return os.path.normpath(os.path.join(base_dir, os.path.expanduser(path)))
+
+
+def checkpoint_kind(folder: str) -> str | None:
+    """`loom` (a checkpoint folder Loom wrote: weights under model/, optimizer, schedule, data position),
+    `transformers` (a Trainer's or LLaMA-Factory's checkpoint-N: weights at the top), or None."""
+    if os.path.isfile(os.path.join(folder, CHECKPOINT_MANIFEST)):
+        return "loom"
+    if os.path.isfile(os.path.join(folder, TRANSFORMERS_STATE)):
+        return "transformers"
+    return None
+
+
+def checkpoint_weights(folder: str) -> str:
+    """Where a checkpoint folder of either kind keeps its model or adapter."""
+    return os.path.join(folder, "model") if checkpoint_kind(folder) == "loom" else folder

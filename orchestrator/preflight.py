@@ -15,7 +15,7 @@ from . import storage
 from .config.values import split_csv
 from .data.registry import DatasetSpec, resolve_datasets
 from .errors import ConfigError, PlanError, Problem
-from .paths import is_uri
+from .paths import TRANSFORMERS_STATE, checkpoint_kind, is_uri
 from .plan import RUN_MARKER, RunPlan
 from .storage import storage_filesystem
 
@@ -151,8 +151,10 @@ def decide_run_start(cfg: Any, plan: RunPlan) -> RunStart:
     marker = read_marker(plan.output_dir)
     if cfg.overwrite_output_dir:
         if marker or storage.exists(*storage.resolve(plan.run_dir, storage_filesystem(cfg))):
-            return RunStart("overwrite: the earlier run with this name is removed; training starts from step 0", True)
-        return RunStart("fresh (overwrite_output_dir: there was no earlier run to remove)")
+            return _explicit_start(cfg, True) or RunStart(
+                "overwrite: the earlier run with this name is removed; training starts from step 0", True
+            )
+        return _explicit_start(cfg) or RunStart("fresh (overwrite_output_dir: there was no earlier run to remove)")
     if marker and marker.get("status") == "finished":
         raise PlanError(
             f"run {plan.run_name!r} already finished ({plan.output_dir} holds its model, step {marker.get('step')}). "
@@ -170,8 +172,29 @@ def decide_run_start(cfg: Any, plan: RunPlan) -> RunStart:
         )
     latest = committed_checkpoint(plan.run_dir, storage_filesystem(cfg))
     if latest:
-        return RunStart(f"resume from {latest[0]} (step {latest[1]})", resume_step=latest[1])
-    return RunStart("fresh (an earlier attempt left no committed checkpoint)" if marker else "fresh")
+        unused = "; resume_from_checkpoint is not used: the run has its own" if cfg.resume_from_checkpoint else ""
+        return RunStart(f"resume from {latest[0]} (step {latest[1]}){unused}", resume_step=latest[1])
+    return _explicit_start(cfg) or RunStart(
+        "fresh (an earlier attempt left no committed checkpoint)" if marker else "fresh"
+    )
+
+
+def _explicit_start(cfg: Any, clears_earlier: bool = False) -> RunStart | None:
+    """resume_from_checkpoint, for a run with no checkpoint of its own: a Loom checkpoint is resumed whole (Ray Train
+    hands it to the workers); a transformers one gives the starting weights."""
+    folder = cfg.resume_from_checkpoint
+    if not folder:
+        return None
+    if checkpoint_kind(folder) == "loom":
+        step = int(read_state_step(folder))
+        return RunStart(f"resume from {folder} (step {step}, resume_from_checkpoint)", clears_earlier, step)
+    return RunStart(f"fresh, from the weights of {folder} (a transformers checkpoint: the optimizer, schedule and "
+                    "data start afresh)", clears_earlier)  # fmt: skip
+
+
+def read_state_step(folder: str) -> int:
+    with open(os.path.join(folder, TRANSFORMERS_STATE), encoding="utf-8") as handle:
+        return int(json.load(handle)["global_step"])
 
 
 def clear_earlier_run(cfg: Any, plan: RunPlan) -> None:

@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-MANIFEST = "loom_checkpoint.json"
-STATE = "trainer_state.json"
+from orchestrator.paths import CHECKPOINT_MANIFEST as MANIFEST
+from orchestrator.paths import TRANSFORMERS_STATE as STATE  # the same name as a transformers checkpoint's
 
 
 @dataclass

@@ -13,6 +13,7 @@ import ray.train.torch
 import torch
 
 from orchestrator.config.schema import LoomConfig
+from orchestrator.paths import checkpoint_kind
 
 from .context import DistContext
 from .order import ArrowRows
@@ -73,14 +74,17 @@ class RayRunIO:
     @contextlib.contextmanager
     def latest_checkpoint(self) -> Iterator[str | None]:
         checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            yield None
+        if checkpoint is None:  # the run has none of its own: resume_from_checkpoint's, when it is a Loom one
+            explicit = self.cfg.resume_from_checkpoint
+            yield explicit if explicit and checkpoint_kind(explicit) == "loom" else None
             return
         with checkpoint.as_directory() as folder:
             yield folder
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        find_unused = bool(self.cfg.ddp_find_unused_parameters)
+        # Layer-wise BAdam leaves all but the active block without gradients, a block that changes as it trains.
+        badam_blocks = self.cfg.use_badam and self.cfg.badam_mode == "layer"
+        find_unused = bool(self.cfg.ddp_find_unused_parameters) or badam_blocks
         return ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": find_unused})
 
 

@@ -22,6 +22,7 @@ from orchestrator.config.schema import without_secrets
 from orchestrator.data.templates import get_template, missing_stop_words
 from orchestrator.data.tokenizer import template_name
 from orchestrator.environment import enabled
+from orchestrator.paths import checkpoint_kind, checkpoint_weights
 from orchestrator.plan import RUN_MARKER, RunPlan, accumulation_for
 
 from .checkpoint import (
@@ -134,7 +135,7 @@ class StageRunner:
                 verify_checkpoint(resume_dir)
             self.strategy = make_strategy(cfg, ctx, io.prepare_model)
             with self.strategy.loading():
-                model = self.stage.build_model(os.path.join(resume_dir, "model") if resume_dir else None)
+                model = self.stage.build_model(self._starting_weights(resume_dir))
             ctx.print0(parameter_report(model))
             if cfg.print_param_status:
                 ctx.print0(parameter_status(model))
@@ -159,6 +160,17 @@ class StageRunner:
                        f"per step (configured {plan.global_batch_size})")  # fmt: skip
         took = time.perf_counter() - started
         ctx.print0(f"strategy {self.strategy.name}; worker setup (tokenizer, model, optimizer) took {took:.1f} s")
+
+    def _starting_weights(self, resume_dir: str | None) -> str | None:
+        """The weights folder the model starts from: the checkpoint Ray Train handed over, else a transformers
+        checkpoint named by resume_from_checkpoint (its weights only), else none (the configured model)."""
+        explicit = self.cfg.resume_from_checkpoint
+        if resume_dir:
+            return checkpoint_weights(resume_dir)
+        if explicit and checkpoint_kind(explicit) == "transformers":
+            self.ctx.print0(f"resume_from_checkpoint: the weights of {explicit}; optimizer, schedule and data afresh")
+            return explicit
+        return None
 
     optimizer_steps_per_step = 1  # rollout stages take several optimizer steps per logged step
 

@@ -88,6 +88,12 @@ def module_name_problems(cfg: Any, model: torch.nn.Module) -> list[tuple[str, st
         for extra in split_csv(cfg.additional_target):
             if extra not in leaf_names:
                 problems.append(("additional_target", f"module {extra!r} is not in the model"))
+    for key in ("galore_target", "apollo_target"):
+        linear = linear_module_names(model)
+        for target in split_csv(getattr(cfg, key)):
+            if getattr(cfg, f"use_{key.split('_')[0]}") and target != "all" and target not in linear:
+                problems.append((key, f"module {target!r} is not a linear module of the model; have: "
+                                      f"{', '.join(linear)}"))  # fmt: skip
     if cfg.finetuning_type == "freeze":
         hidden, other = _freeze_module_names(model)
         for name in split_csv(cfg.freeze_trainable_modules):

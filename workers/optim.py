@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from orchestrator.config.values import as_dict
+from orchestrator.optimizers import chosen
 
 
 def _is_matrix(param: torch.nn.Parameter) -> bool:
@@ -48,6 +49,11 @@ def loraplus_groups(model: torch.nn.Module, lr: float, weight_decay: float, rati
 
 
 def build_optimizer(cfg: Any, model: torch.nn.Module) -> torch.optim.Optimizer:
+    if chosen(cfg):  # GaLore, APOLLO, BAdam or Adam-mini, over the unwrapped model (their rules read its names)
+        from .memory_optim import build_memory_optimizer
+
+        ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+        return build_memory_optimizer(cfg, model.module if ddp else model)
     groups = parameter_groups(cfg, model)
     adam = {"lr": cfg.learning_rate, "betas": (cfg.adam_beta1, cfg.adam_beta2), "eps": cfg.adam_epsilon}
     if cfg.optim in ("adamw_torch", "adamw_hf"):

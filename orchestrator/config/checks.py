@@ -12,7 +12,7 @@ from typing import Any
 
 from ..environment import other_model_hub
 from ..errors import Problem
-from ..paths import is_safe_name, is_uri
+from ..paths import checkpoint_kind, checkpoint_weights, is_safe_name, is_uri
 from ..stages import BUILT, REFERENCE_FREE_LOSSES, STAGES, stages_reading
 from ..suggest import did_you_mean
 from ..trackers import requested, tracker_problems
@@ -327,6 +327,8 @@ def _paths(cfg: LoomConfig) -> list[Problem]:
                 f"continuing from adapters needs finetuning_type lora, not {cfg.finetuning_type!r}",
             )
         )
+    if cfg.resume_from_checkpoint:
+        p += _resume_checkpoint(cfg)
     if cfg.output_dir and is_uri(cfg.output_dir):
         p.append(
             Problem("output_dir", f"given {cfg.output_dir!r}; rank 0 writes it as files: use a local or shared path")
@@ -335,6 +337,31 @@ def _paths(cfg: LoomConfig) -> list[Problem]:
         p.append(Problem("output_dir", f"is required when ray_storage_path is a URI ({cfg.ray_storage_path!r}): "
                                        "the final model is written as files on rank 0's node"))  # fmt: skip
     return p
+
+
+def _resume_checkpoint(cfg: LoomConfig) -> list[Problem]:
+    """An explicit checkpoint must be one of the two kinds, and hold what this run's fine-tuning method trains."""
+    folder, key = cfg.resume_from_checkpoint, "resume_from_checkpoint"
+    if is_uri(folder):
+        return [Problem(key, f"given {folder!r}; give a local or shared folder (every worker reads it)")]
+    if not os.path.isdir(folder):
+        return [Problem(key, f"folder {folder!r} does not exist")]
+    kind = checkpoint_kind(folder)
+    if kind is None:
+        return [Problem(key, f"{folder!r} is not a checkpoint: it holds neither loom_checkpoint.json (a Loom "
+                             "checkpoint) nor trainer_state.json (a transformers or LLaMA-Factory checkpoint-N)")]  # fmt: skip
+    weights = checkpoint_weights(folder)
+    adapter = os.path.isfile(os.path.join(weights, "adapter_config.json"))
+    if adapter != (cfg.finetuning_type == "lora"):
+        held = "a LoRA adapter" if adapter else "full weights"
+        return [Problem(key, f"{folder!r} holds {held}; finetuning_type {cfg.finetuning_type!r} needs "
+                             + ("full weights" if adapter else "a LoRA adapter"))]  # fmt: skip
+    if kind == "transformers" and not adapter and not os.path.isfile(os.path.join(weights, "config.json")):
+        return [Problem(key, f"{folder!r} has no config.json next to its weights")]
+    if kind == "transformers" and STAGES[cfg.stage].value_head:
+        return [Problem(key, f"stage {cfg.stage} keeps a value head, which a transformers checkpoint's layout does "
+                             "not say where to find; resume it from a Loom checkpoint")]  # fmt: skip
+    return []
 
 
 def _template(cfg: LoomConfig) -> list[Problem]:
@@ -367,6 +394,12 @@ def _storage(cfg: LoomConfig) -> list[Problem]:
     return p
 
 
+def _optimizers(cfg: LoomConfig) -> list[Problem]:
+    from ..optimizers import optimizer_problems
+
+    return optimizer_problems(cfg)
+
+
 def _parallelism(cfg: LoomConfig) -> list[Problem]:
     from ..parallelism import parallelism_problems
 
@@ -376,6 +409,7 @@ def _parallelism(cfg: LoomConfig) -> list[Problem]:
 CHECKS: tuple[Callable[[LoomConfig], list[Problem]], ...] = (
     _contradictions,
     _parallelism,
+    _optimizers,
     _scoped,
     _stage_and_values,
     _data,

@@ -140,10 +140,10 @@ class TrainingArgs(BaseModel):
         "offload_params, version (2).",
         source=_TF,
     )
-    resume_from_checkpoint: str | None = not_yet(
+    resume_from_checkpoint: str | None = param(
         None,
-        "Checkpoint to resume from.",
-        "Loom resumes from the latest checkpoint of the run name by itself; an explicit path is not supported yet",
+        "Checkpoint folder to start from, when this run has none of its own: a Loom checkpoint of any run (weights, "
+        "optimizer, schedule, data position), or a transformers / LLaMA-Factory checkpoint-N (its weights only).",
         source=_TF,
     )
     load_best_model_at_end: bool = not_yet(False, "Load the best checkpoint at the end.", source=_TF)

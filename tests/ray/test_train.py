@@ -252,3 +252,22 @@ def test_create_new_adapter_trains_a_fresh_adapter_over_a_finished_runs(ray_clus
     assert new.keys() == old.keys()
     assert all(float((new[k] - old[k]).abs().max()) > 0 for k in new if "lora_B" in k)  # not the old one, continued
     assert all(float(new[k].abs().max()) < float(old[k].abs().max()) for k in new if "lora_B" in k)  # 2 steps from 0
+
+
+def test_galore_on_two_workers_resumes_another_runs_checkpoint_to_the_same_weights(ray_cluster, train_config):
+    """GaLore (full fine-tuning, DDP on 2 CPU workers) for 4 steps; a second run started by resume_from_checkpoint
+    from the first run's step-2 checkpoint (projections and moments restored) ends on the same weights."""
+    from safetensors.torch import load_file
+
+    galore = {"finetuning_type": "full", "use_galore": True, "galore_rank": 4, "galore_update_interval": 2,
+              "max_steps": 4, "save_steps": 2, "learning_rate": 1e-3, "disable_gradient_checkpointing": True}  # fmt: skip
+    first = run(train_config(**galore, ray_run_name="galore-a"), ray_cluster)
+    checkpoint = os.path.join(first.plan.run_dir, "checkpoint-000002")
+    raw = train_config(**galore, ray_run_name="galore-b", resume_from_checkpoint=checkpoint,
+                       output_dir=os.path.join(os.path.dirname(first.output_dir), "out-b"))  # fmt: skip
+    second = run(raw, ray_cluster)
+    assert second.start.startswith(f"resume from {checkpoint} (step 2")
+    assert [r["step"] for r in logged(second.output_dir)] == [3, 4]
+    a, b = (load_file(os.path.join(o.output_dir, "model.safetensors")) for o in (first, second))
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst < 1e-6, f"resumed GaLore run differs by {worst}"
