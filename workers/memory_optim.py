@@ -16,6 +16,8 @@ import torch
 from orchestrator.config.values import split_csv
 from orchestrator.optimizers import chosen, layerwise
 
+from .param_groups import parameter_groups
+
 # Projector classes a GaLore or APOLLO state may hold; rebuilt from their attributes on load (nothing else is).
 PROJECTORS = {
     "galore": "galore_torch.galore_projector:GaLoreProjector",
@@ -79,8 +81,6 @@ def target_weights(model: torch.nn.Module, targets: str) -> list[torch.nn.Parame
 
 def projected_groups(cfg: Any, model: torch.nn.Module, family: str) -> list[dict[str, Any]]:
     """The target matrices in one group with the projection's settings; every other parameter as AdamW has it."""
-    from .optim import parameter_groups
-
     projected = target_weights(model, getattr(cfg, f"{family}_target"))
     chosen_ids = {id(p) for p in projected}
     rest = [{**g, "params": [p for p in g["params"] if id(p) not in chosen_ids]} for g in parameter_groups(cfg, model)]
@@ -144,8 +144,6 @@ def build_projection(cfg: Any, model: torch.nn.Module, family: str) -> torch.opt
 
 def build_badam(cfg: Any, model: torch.nn.Module) -> torch.optim.Optimizer:
     from badam import BlockOptimizerRatio
-
-    from .optim import parameter_groups
 
     named = list(model.named_parameters())
     adam = {"lr": cfg.learning_rate, "betas": (cfg.adam_beta1, cfg.adam_beta2), "eps": cfg.adam_epsilon}
