@@ -34,7 +34,7 @@ def open_engine(cfg: Any, model_dir: str | None = None, source_name: str = "conf
 
     from .export import export_problems
 
-    problems = (export_problems(cfg) if for_export else backend_problems(cfg)) + model_problems(cfg)
+    problems = (export_problems(cfg) if for_export else backend_problems(cfg)) + model_problems(cfg, training=False)
     if problems:
         raise ConfigError(problems, source=source_name)
     source = resolve_source(cfg, model_dir)
@@ -52,7 +52,7 @@ def run_predict(cfg: Any, model_dir: str | None = None, source_name: str = "conf
     from .predict import predict, predict_problems
 
     cfg = with_absolute_paths(cfg)
-    problems = predict_problems(cfg) + backend_problems(cfg) + model_problems(cfg)
+    problems = predict_problems(cfg) + backend_problems(cfg) + model_problems(cfg, training=False)
     if problems:
         raise ConfigError(problems, source=source_name)
     source = resolve_source(cfg, model_dir)
@@ -97,7 +97,7 @@ def run_serve(cfg: Any, model_dir: str | None, source_name: str, address: str | 
     from .serve import deploy
 
     settings = ApiSettings.from_env()
-    problems = backend_problems(cfg) + model_problems(cfg)
+    problems = backend_problems(cfg) + model_problems(cfg, training=False)
     if detach and not (address or os.environ.get("RAY_ADDRESS")):
         problems.append(Problem("--detach", "needs a cluster (--address or RAY_ADDRESS): an embedded Ray stops "
                                             "with this command"))  # fmt: skip
@@ -126,7 +126,7 @@ def run_eval(cfg: Any, model_dir: str | None = None, source_name: str = "config"
 
     cfg = with_absolute_paths(cfg)
     subjects, problems = eval_problems(cfg)
-    problems += model_problems(cfg)
+    problems += model_problems(cfg, training=False)
     if problems:
         raise ConfigError(problems, source=source_name)
     source = resolve_source(cfg, model_dir)

@@ -119,11 +119,11 @@ class HuggingFaceEngine(EngineBase):
         from transformers import AutoModelForCausalLM
 
         from orchestrator.environment import remote_code_imports
-        from workers.model import ATTENTION, fit_embeddings
+        from workers.model import ATTENTION, fit_embeddings, load_model_config
 
         remote_code_imports(cfg.trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
-            source.base, dtype="auto" if self.stored_dtype else getattr(self.torch, INFER_DTYPES[cfg.infer_dtype]),
+            source.base, config=load_model_config(cfg, source.base), dtype="auto" if self.stored_dtype else getattr(self.torch, INFER_DTYPES[cfg.infer_dtype]),
             attn_implementation=ATTENTION[cfg.flash_attn], trust_remote_code=cfg.trust_remote_code,
             token=cfg.hf_hub_token, cache_dir=cfg.cache_dir, low_cpu_mem_usage=cfg.low_cpu_mem_usage,
         )  # fmt: skip

@@ -12,7 +12,6 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from orchestrator.config.values import split_csv
 from orchestrator.errors import ConfigError, Problem
 
 CHECKPOINT_MANIFEST = "loom_checkpoint.json"  # workers/checkpoint.MANIFEST, named here so the driver imports no torch
@@ -48,7 +47,7 @@ def holds_model(folder: str) -> bool:
 def model_source(cfg: Any, model_dir: str | None = None) -> ModelSource:
     """What to load for `cfg`, from `model_dir` when given (an output_dir, an adapter or full model folder, or a
     checkpoint of a run); ConfigError naming the folder when it holds no model."""
-    adapters = tuple(split_csv(cfg.adapter_name_or_path))
+    adapters = tuple(cfg.adapters())
     if model_dir is None:
         last = adapters[-1] if adapters else cfg.model_name_or_path
         head = last if os.path.isdir(last) and _has(last, VALUE_HEAD_FILE) else None

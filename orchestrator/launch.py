@@ -311,8 +311,19 @@ def prepare_only(cfg: Any, source: str = "config", address: str | None = None,
     return DataOutcome(summary, example, clock.laps)
 
 
+def checkpoint_config(plan: RunPlan) -> Any:
+    """save_total_limit's retention; with load_best_model_at_end Ray keeps the best checkpoints by the metric (and
+    always the latest, to resume from), so the best one is there when the run ends."""
+    from ray.train import CheckpointConfig
+
+    if plan.best_metric is None:
+        return CheckpointConfig(num_to_keep=plan.checkpoints_to_keep)
+    return CheckpointConfig(num_to_keep=plan.checkpoints_to_keep, checkpoint_score_attribute=plan.best_metric,
+                            checkpoint_score_order="max" if plan.best_greater else "min")  # fmt: skip
+
+
 def fit(cfg: Any, plan: RunPlan, data: Any, callbacks: list | None = None) -> Any:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train import LoggingConfig as TrainLoggingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -347,7 +358,7 @@ def fit(cfg: Any, plan: RunPlan, data: Any, callbacks: list | None = None) -> An
             storage_path=ray_storage_path(plan.storage_path, filesystem),
             storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=plan.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=plan.checkpoints_to_keep),
+            checkpoint_config=checkpoint_config(plan),
             callbacks=callbacks,
             # Ray Train's controller and workers filter its own records by this (LOOM_VERBOSITY).
             logging_config=TrainLoggingConfig(log_level=logging.getLevelName(console.level())),

@@ -77,6 +77,13 @@ def optimizer_problems(cfg: Any) -> list[Problem]:
     if cfg.deepspeed or cfg.fsdp:
         problems.append(Problem(family.switch, f"{family.name} runs on DDP workers here; DeepSpeed and FSDP build or "
                                                "shard the optimizer themselves: leave deepspeed and fsdp unset"))  # fmt: skip
+    if family.name == "badam" and cfg.badam_switch_interval == 0:
+        problems.append(Problem("badam_switch_interval", "given 0; the steps between block switches: a positive "
+                                                         "number, or -1 for never"))  # fmt: skip
+    if layerwise(cfg) and cfg.max_grad_norm and "max_grad_norm" in cfg.model_fields_set:  # the default: a note
+        problems.append(Problem(family.layerwise_key, f"layer-wise {family.name} applies each gradient as it arrives, "
+                                                      "before the whole gradient exists to be clipped: set "
+                                                      f"max_grad_norm: 0 (given {cfg.max_grad_norm})"))  # fmt: skip
     problems += _single_worker_problems(cfg, family)
     return problems
 

@@ -77,6 +77,8 @@ class RunPlan:
     min_workers: int = 0  # elastic: the fewest workers the run continues with (0: fixed at num_workers)
     resize_interval_s: float = 60.0
     stage: str = "sft"
+    best_metric: str | None = None  # load_best_model_at_end: the logged metric Ray ranks checkpoints by
+    best_greater: bool = False
     models: tuple[str, ...] = ()  # what each worker holds (the registry's say): policy, reference, reward
     eval_splits: tuple[str, ...] = ()  # the evaluation sets' names ("eval", or "eval_<dataset>"), set at launch
     trackers: tuple[str, ...] = ()  # what rank 0 logs to (orchestrator/trackers.py), resolved on the driver
@@ -220,6 +222,8 @@ def make_plan(cfg: Any, base_dir: str | None = None, train_rows: int | None = No
         min_workers=cfg.min_workers() if cfg.is_elastic() else 0,
         resize_interval_s=cfg.ray_resize_interval_s,
         stage=cfg.stage,
+        best_metric=cfg.best_model_metric(),
+        best_greater=cfg.best_is_greater(),
         models=STAGES[cfg.stage].models(cfg),
         trackers=tuple(requested(cfg.report_to, cfg.use_swanlab)),
         logging_dir=resolve_path(cfg.logging_dir, base_dir) if cfg.logging_dir else f"{output_dir}/runs",

@@ -27,7 +27,7 @@ def data_problems(cfg: Any) -> tuple[list[DatasetSpec], list[Problem]]:
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
 
 
-def model_problems(cfg: Any) -> list[Problem]:
+def model_problems(cfg: Any, training: bool = True) -> list[Problem]:
     """A local model folder, checked in the order a worker loads it: its config, its weights, its tokenizer (and
     the template's tokens), then the module names in the config against the model built on the meta device. The
     first of config or weights that fails is the one problem reported: what follows depends on it."""
@@ -38,6 +38,7 @@ def model_problems(cfg: Any) -> list[Problem]:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from workers.model import module_name_problems
+    from workers.model_knobs import config_knob_problems
 
     from .environment import remote_code_imports
 
@@ -52,7 +53,8 @@ def model_problems(cfg: Any) -> list[Problem]:
         return [Problem("model_name_or_path", f"{folder!r} holds a model config but no weights (*.safetensors or "
                                               "*.bin files)")]  # fmt: skip
     problems = tokenizer_problems(cfg)
-    return problems + [Problem(key, message) for key, message in module_name_problems(cfg, model)]
+    found = module_name_problems(cfg, model) + config_knob_problems(cfg, config, cfg.cutoff_len if training else None)
+    return problems + [Problem(key, message) for key, message in found]
 
 
 def tokenizer_problems(cfg: Any) -> list[Problem]:

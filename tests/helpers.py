@@ -21,6 +21,38 @@ def tiny_config(tiny_model: str, **extra):
     return validate_config({**raw, **extra})
 
 
+def tiny_variant(tiny_model: str, out_dir: Path, **config_changes) -> str:
+    """A copy of the tiny model (weights and tokenizer) with some of its config.json values changed."""
+    import json
+    import shutil
+
+    shutil.copytree(tiny_model, out_dir)
+    config = json.loads((out_dir / "config.json").read_text())
+    (out_dir / "config.json").write_text(json.dumps({**config, **config_changes}, indent=2))
+    return str(out_dir)
+
+
+def tiny_moe(tiny_model: str, out_dir: Path, experts: int = 4, **config_values) -> str:
+    """A random-init Mixtral (mixture of experts, top-2 routing) with the tiny model's tokenizer and sizes."""
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, MixtralConfig, MixtralForCausalLM
+
+    base = AutoConfig.from_pretrained(tiny_model)
+    config = MixtralConfig(vocab_size=base.vocab_size, hidden_size=base.hidden_size, intermediate_size=64,
+                           num_hidden_layers=2, num_attention_heads=base.num_attention_heads,
+                           num_key_value_heads=base.num_key_value_heads, num_local_experts=experts,
+                           num_experts_per_tok=2, bos_token_id=base.bos_token_id, eos_token_id=base.eos_token_id,
+                           pad_token_id=base.pad_token_id, tie_word_embeddings=False, **config_values)  # fmt: skip
+    torch.manual_seed(0)
+    MixtralForCausalLM(config).save_pretrained(out_dir, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (Path(tiny_model) / name).exists():
+            shutil.copy(Path(tiny_model) / name, out_dir / name)
+    return str(out_dir)
+
+
 @contextmanager
 def cpus_held(count: int) -> Iterator[None]:
     """An actor of "another job" holds `count` CPUs of the connected cluster while the block runs."""

@@ -22,6 +22,7 @@ from orchestrator.config.schema import without_secrets
 from orchestrator.data.templates import get_template, missing_stop_words
 from orchestrator.data.tokenizer import template_name
 from orchestrator.environment import enabled
+from orchestrator.optimizers import layerwise
 from orchestrator.paths import checkpoint_kind, checkpoint_weights
 from orchestrator.plan import RUN_MARKER, RunPlan, accumulation_for
 
@@ -38,6 +39,7 @@ from .context import DistContext
 from .model import load_tokenizer_for, parameter_report, parameter_status
 from .optim import build_optimizer, build_scheduler
 from .order import ArrowRows, StepLayout, epoch_order, step_indices
+from .pissa import PissaInitial
 from .stages import make_stage
 from .stages.base import merge_metrics, reduce_metrics
 from .strategy import make_strategy
@@ -140,11 +142,22 @@ class StageRunner:
             if cfg.print_param_status:
                 ctx.print0(parameter_status(model))
             self.model, self.optimizer = self.strategy.setup(model, lambda module: build_optimizer(cfg, module))
+            if layerwise(cfg) and cfg.max_grad_norm:
+                ctx.print0(f"max_grad_norm {cfg.max_grad_norm} is not applied: layer-wise optimizers step each "
+                           "parameter as its gradient arrives, before the whole gradient could be clipped")  # fmt: skip
+            if cfg.torch_compile:  # the wrapped model, so DDP's buckets split the graph (saving reads the module)
+                self.model = torch.compile(self.model)
             self.stage.prepare(self.strategy)
+            # pissa_convert: the adapter before any step, which the conversion at the end subtracts (rank 0's)
+            self.pissa = (
+                PissaInitial.capture(self.strategy.module, resume_dir) if cfg.pissa_convert and ctx.is_main else None
+            )
             self.scheduler = build_scheduler(cfg, self.strategy.lr_optimizer, self.schedule.warmup_steps,
                                              self.total_steps * self.optimizer_steps_per_step)  # fmt: skip
             self.state = self._resume(resume_dir) if resume_dir else TrainState(total_steps=self.total_steps)
             tracker_ids = (load_component(resume_dir, "trackers") or {}) if resume_dir else {}
+            # load_best_model_at_end: the best checkpoint so far, {"step", "value"}, carried in every checkpoint
+            self.best: dict[str, Any] | None = load_component(resume_dir, "best_model") if resume_dir else None
         self.log = TrainerLog(os.path.join(plan.output_dir, "trainer_log.jsonl")) if ctx.is_main else None
         self.trackers = self._open_trackers(tracker_ids) if ctx.is_main and plan.trackers else None
         if cfg.tf32 is not None and torch.cuda.is_available():
@@ -336,6 +349,8 @@ class StageRunner:
         if eval_now:
             for split in self.plan.eval_splits:  # "eval", or "eval_<dataset>" per dataset
                 metrics.update({f"{split}_{name}": value for name, value in self.evaluate(split).items()})
+        if save_now and self.plan.best_metric in metrics:
+            self._track_best(step, metrics[self.plan.best_metric])
         if self.log and (log_now or eval_now):
             self.log.append(metrics)
             if self.trackers:
@@ -345,6 +360,10 @@ class StageRunner:
             # called at checkpoints and at the end only; every logged step is in trainer_log.jsonl.
             self.io.report(metrics, self._save_checkpoint() if save_now else None)
         return Window()
+
+    def _track_best(self, step: int, value: float) -> None:
+        if self.best is None or (value > self.best["value"] if self.plan.best_greater else value < self.best["value"]):
+            self.best = {"step": step, "value": value}
 
     def _save_checkpoint(self) -> str | None:
         """Each writing rank fills a fresh local folder (rank 0 alone under DDP, every rank its optimizer shard under
@@ -364,6 +383,10 @@ class StageRunner:
             components = {"scheduler": self.scheduler.state_dict(), "stage_state": self.stage.state_dict()}
             if self.trackers:
                 components["trackers"] = self.trackers.ids()  # a restart reopens the same tracker runs
+            if self.best is not None:
+                components["best_model"] = self.best
+            if self.pissa:
+                self.pissa.add_to(folder)
             save_checkpoint(folder, self.strategy.module, self.state, rng_states, weights=weights,
                             components=components, other_ranks_files=others, workers=self.placement)  # fmt: skip
         return folder
@@ -374,9 +397,17 @@ class StageRunner:
         if self.ctx.is_main:
             model = self.strategy.module
             model.config.use_cache = True
-            model.save_pretrained(self.plan.output_dir, state_dict=weights, safe_serialization=True)
+            if self.best and self.best["step"] != self.state.global_step:
+                self._write_best_model()
+            else:
+                model.save_pretrained(self.plan.output_dir, state_dict=weights, safe_serialization=True)
             self.tokenizer.save_pretrained(self.plan.output_dir)
+            if self.pissa:
+                converted = self.pissa.convert(model, self.plan.output_dir)
+                self.ctx.print0(f"pissa_convert: {converted} is a LoRA adapter for the original base model")
             self._write_marker("finished")
+            if self.cfg.push_to_hub:
+                self._push_to_hub()
             if self.cfg.plot_loss:  # drawn where the log is: rank 0's output_dir
                 from orchestrator.plots import plot_log
 
@@ -384,6 +415,37 @@ class StageRunner:
             if self.trackers:
                 self.trackers.close()
         self.ctx.barrier()
+
+    def _write_best_model(self) -> None:
+        """load_best_model_at_end: output_dir gets the best checkpoint's model folder as it was saved, copied from
+        the run's storage (Ray kept that checkpoint: it ranks them by the same metric)."""
+        from pyarrow import fs as pafs
+
+        from orchestrator import storage
+
+        step, value = self.best["step"], self.best["value"]
+        filesystem, run_dir = storage.resolve(self.plan.run_dir, storage.storage_filesystem(self.cfg))
+        source = f"{run_dir}/checkpoint-{step:06d}/model"
+        os.makedirs(self.plan.output_dir, exist_ok=True)
+        pafs.copy_files(source, self.plan.output_dir, source_filesystem=filesystem,
+                        destination_filesystem=pafs.LocalFileSystem())  # fmt: skip
+        self.ctx.print0(f"load_best_model_at_end: output_dir holds step {step}'s model ({self.plan.best_metric} "
+                        f"{value}), not step {self.state.global_step}'s")  # fmt: skip
+
+    def _push_to_hub(self) -> None:
+        """The model is saved whatever happens here: a failed upload is reported, not a failed run (a retry would
+        only find the run finished)."""
+        from orchestrator.hub import push_output
+
+        try:
+            url = push_output(
+                self.cfg, self.plan.output_dir, f"Loom run {self.plan.run_name}, step {self.state.global_step}"
+            )
+            self.ctx.print0(f"push_to_hub: uploaded {self.plan.output_dir} to {url}")
+        except Exception as error:  # the Hub's and the network's errors alike
+            self.ctx.print0(
+                f"push_to_hub FAILED: {type(error).__name__}: {error} (the model is in {self.plan.output_dir})"
+            )
 
     def _write_marker(self, status: str) -> None:
         os.makedirs(self.plan.output_dir, exist_ok=True)
@@ -396,6 +458,7 @@ class StageRunner:
             "total_steps": self.total_steps,
             "stage": self.cfg.stage,
             "finetuning_type": self.cfg.finetuning_type,
+            "best_model": self.best,  # load_best_model_at_end: the step output_dir's model is from
             "workers": self.placement,  # rank -> node of the current attempt
         }
         with open(path + ".tmp", "w", encoding="utf-8") as handle:

@@ -11,6 +11,8 @@ from orchestrator.config.values import as_dict, split_csv
 from orchestrator.data.tokenizer import TokenizerSpec, load_tokenizer
 from orchestrator.environment import remote_code_imports
 
+from .model_knobs import configure
+
 ATTENTION = {"auto": None, "disabled": "eager", "sdpa": "sdpa", "fa2": "flash_attention_2"}
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
@@ -23,34 +25,48 @@ def model_dtype(cfg: Any) -> torch.dtype:
     return torch.bfloat16 if cfg.pure_bf16 else torch.float32
 
 
-def load_base_model(cfg: Any, source: str | None = None) -> torch.nn.Module:
+def load_model_config(
+    cfg: Any, path: str, revision: str = "main", context: int | None = None, router_loss: bool = False
+) -> Any:
+    """The model's config with Loom's knobs applied (workers/model_knobs.py): RoPE scaled for `context` (the training
+    length; None: an inference command's), the MoE router loss on for a model that trains."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=cfg.trust_remote_code,
+                                        token=cfg.hf_hub_token, cache_dir=cfg.cache_dir)  # fmt: skip
+    configure(config, cfg, context, router_loss)
+    return config
+
+
+def load_base_model(cfg: Any, source: str | None = None, trainable: bool = True) -> torch.nn.Module:
     """The causal LM from `source` (default model_name_or_path), or randomly initialised for train_from_scratch."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     remote_code_imports(cfg.trust_remote_code)
     path = source or cfg.model_name_or_path
+    revision = cfg.model_revision if source is None else "main"
+    config = load_model_config(cfg, path, revision, cfg.cutoff_len, router_loss=trainable)
     common = {"trust_remote_code": cfg.trust_remote_code, "token": cfg.hf_hub_token, "cache_dir": cfg.cache_dir}
     attn = ATTENTION[cfg.flash_attn]
     if cfg.train_from_scratch and source is None:
-        config = AutoConfig.from_pretrained(path, revision=cfg.model_revision, **common)
-        model = AutoModelForCausalLM.from_config(config, dtype=model_dtype(cfg), attn_implementation=attn)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(
-            path,
-            revision=cfg.model_revision if source is None else "main",
-            dtype=model_dtype(cfg),
-            attn_implementation=attn,
-            low_cpu_mem_usage=cfg.low_cpu_mem_usage,
-            **common,
-        )
-    return model
+        return AutoModelForCausalLM.from_config(config, dtype=model_dtype(cfg), attn_implementation=attn,
+                                                trust_remote_code=cfg.trust_remote_code)  # fmt: skip
+    return AutoModelForCausalLM.from_pretrained(
+        path,
+        config=config,
+        revision=revision,
+        dtype=model_dtype(cfg),
+        attn_implementation=attn,
+        low_cpu_mem_usage=cfg.low_cpu_mem_usage,
+        **common,
+    )
 
 
 def load_frozen_model(cfg: Any, path: str, adapters: str | None) -> torch.nn.Module:
     """A causal LM from `path` with `adapters` (comma-separated) merged in, in eval mode."""
     from peft import PeftModel
 
-    model = load_base_model(cfg, path)
+    model = load_base_model(cfg, path, trainable=False)
     for adapter in split_csv(adapters):
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     return model
@@ -170,7 +186,7 @@ def apply_lora(cfg: Any, model: torch.nn.Module, resume_dir: str | None) -> torc
         model = PeftModel.from_pretrained(model, path).merge_and_unload()
     if resume_dir:  # the checkpoint's adapter holds everything trained so far
         return PeftModel.from_pretrained(model, resume_dir, is_trainable=True)
-    adapters = split_csv(cfg.adapter_name_or_path)
+    adapters = cfg.adapters()
     if adapters and not cfg.create_new_adapter:  # training continues the last adapter
         return PeftModel.from_pretrained(model, adapters[-1], is_trainable=True)
     return get_peft_model(model, lora_config(cfg, model))

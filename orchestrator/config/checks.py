@@ -158,6 +158,12 @@ def _stage_and_values(cfg: LoomConfig) -> list[Problem]:
     if not cfg.do_train:
         p.append(Problem("do_train", "false: evaluation-only and predict runs are not built yet"))
     p += _checkpointing_kwargs(cfg)
+    if cfg.moe_aux_loss_coef is not None and STAGES[cfg.stage].value_head:
+        p.append(Problem("moe_aux_loss_coef", f"given {cfg.moe_aux_loss_coef}; the router loss is weighed into the "
+                                              f"language-model stages (pt, sft, dpo, kto), not {cfg.stage}'s value head"))  # fmt: skip
+    if cfg.torch_compile and (cfg.deepspeed or cfg.fsdp or cfg.stage == "ppo"):
+        where = "stage ppo (its rollouts generate)" if cfg.stage == "ppo" else "DeepSpeed or FSDP"
+        p.append(Problem("torch_compile", f"compiles the DDP model of pt, sft, rm, dpo and kto; not with {where}"))
     if cfg.compute_accuracy and not (cfg.val_size or cfg.eval_dataset):
         p.append(Problem("compute_accuracy", "true, but nothing is evaluated: set val_size or eval_dataset"))
     return p
@@ -187,6 +193,34 @@ def _checkpointing_kwargs(cfg: LoomConfig) -> list[Problem]:
           if (kind := _CHECKPOINT_KWARGS.get(name)) and not isinstance(value, kind)]  # fmt: skip
     if not cfg.uses_gradient_checkpointing():
         p.append(Problem(key, "set, but gradient checkpointing is off (disable_gradient_checkpointing)"))
+    return p
+
+
+def _best_model(cfg: LoomConfig) -> list[Problem]:
+    """load_best_model_at_end picks among the checkpoints by an evaluation metric: every checkpoint step must be an
+    evaluation step, and the metric one the stage evaluates."""
+    if not cfg.load_best_model_at_end:
+        return [Problem(key, f"set, but load_best_model_at_end is false (given {getattr(cfg, key)!r})")
+                for key in ("metric_for_best_model", "greater_is_better") if getattr(cfg, key) is not None]  # fmt: skip
+    key, spec = "load_best_model_at_end", STAGES[cfg.stage]
+    if cfg.stage in ("rm", "ppo"):  # as LLaMA-Factory: rm keeps a value head beside the model, ppo has no eval
+        return [Problem(key, f"not built for stage {cfg.stage} (as in LLaMA-Factory); stages: pt, sft, dpo, kto")]
+    p = []
+    if cfg.save_strategy == "no" or cfg.save_strategy != cfg.eval_strategy:
+        p.append(Problem(key, f"needs a checkpoint at evaluation steps: save_strategy ({cfg.save_strategy!r}) and "
+                              f"eval_strategy ({cfg.eval_strategy!r}) must be the same, and not 'no'"))  # fmt: skip
+    elif cfg.save_strategy == "steps":
+        evaluated = cfg.eval_steps or cfg.logging_steps
+        if cfg.save_steps >= 1 and evaluated >= 1 and cfg.save_steps % evaluated:
+            p.append(Problem(key, f"needs every checkpoint step to be an evaluation step: save_steps {cfg.save_steps} "
+                                  f"is not a multiple of eval_steps {evaluated}"))  # fmt: skip
+    if cfg.eval_on_each_dataset:
+        p.append(Problem(key, "with eval_on_each_dataset there is one metric per dataset, and no one to pick by"))
+    allowed = ("loss",) + spec.metrics
+    name = (cfg.metric_for_best_model or "loss").removeprefix("eval_")
+    if name not in allowed:
+        p.append(Problem("metric_for_best_model", f"given {cfg.metric_for_best_model!r}; stage {cfg.stage} evaluates "
+                                                  f"{', '.join(allowed)}{did_you_mean(name, allowed)}"))  # fmt: skip
     return p
 
 
@@ -315,9 +349,11 @@ def _paths(cfg: LoomConfig) -> list[Problem]:
                                                "Hugging Face Hub only; download it and give its local folder"))  # fmt: skip
     elif os.path.isdir(model) and not has_file(model, "config.json"):
         p.append(Problem("model_name_or_path", f"folder {model!r} has no config.json"))
-    for adapter in split_csv(cfg.adapter_name_or_path):
+    for adapter in cfg.adapters():
         if not has_file(adapter, "adapter_config.json"):
             p.append(Problem("adapter_name_or_path", f"{adapter!r} is not an adapter folder (no adapter_config.json)"))
+    if cfg.adapter_folder and not cfg.adapter_name_or_path:
+        p.append(Problem("adapter_folder", f"given {cfg.adapter_folder!r}, but adapter_name_or_path names no adapters"))
     if cfg.create_new_adapter and not cfg.adapter_name_or_path:
         p.append(Problem("create_new_adapter", "true, but adapter_name_or_path names no adapters to merge first"))
     if cfg.adapter_name_or_path and cfg.finetuning_type != "lora":
@@ -408,6 +444,7 @@ def _parallelism(cfg: LoomConfig) -> list[Problem]:
 
 CHECKS: tuple[Callable[[LoomConfig], list[Problem]], ...] = (
     _contradictions,
+    _best_model,
     _parallelism,
     _optimizers,
     _scoped,
@@ -439,8 +476,14 @@ def _datasets_named(cfg: LoomConfig) -> list[Problem]:
     return []
 
 
+def _hub(cfg: LoomConfig) -> list[Problem]:
+    from ..hub import hub_problems
+
+    return hub_problems(cfg)
+
+
 PURPOSES = {  # what a config is validated for: the checks beyond CHECKS that each use needs
-    "train": (_datasets_named, _stage_built, _ppo, _prediction, _trackers),
+    "train": (_datasets_named, _stage_built, _ppo, _prediction, _trackers, _hub),
     "data": (_datasets_named,),  # loom data: prepares any stage's data, trainable or not yet
     "infer": (),  # chat, api, serve, export: a model and a template, no training data
 }

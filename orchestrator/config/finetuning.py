@@ -4,7 +4,7 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-from .fields import not_yet, param
+from .fields import param
 
 
 class FinetuningArgs(BaseModel):
@@ -43,7 +43,11 @@ class FinetuningArgs(BaseModel):
     use_dora: bool = param(False, "Weight-decomposed LoRA (DoRA).")
     pissa_init: bool = param(False, "Initialise the adapter with PiSSA (principal singular values).")
     pissa_iter: int | None = param(16, "Fast-SVD iterations for PiSSA; -1 runs a full SVD.", ge=-1)
-    pissa_convert: bool = not_yet(False, "Convert a trained PiSSA adapter into a plain LoRA adapter on save.")
+    pissa_convert: bool = param(
+        False,
+        "Also save the trained PiSSA adapter as a plain LoRA adapter (twice the rank) for the original base model: "
+        "output_dir/pissa_converted, beside the initial adapter output_dir/pissa_init.",
+    )
     create_new_adapter: bool = param(
         False, "LoRA: merge every adapter of adapter_name_or_path into the base and train a fresh adapter on top."
     )

@@ -16,8 +16,8 @@ class ModelArgs(BaseModel):
     adapter_name_or_path: str | None = param(
         None, "Adapter(s) to load on top of the base model: local paths or Hub ids, comma-separated."
     )
-    adapter_folder: str | None = not_yet(
-        None, "Folder holding adapter weights to load.", reason="adapter folders are not wired yet"
+    adapter_folder: str | None = param(
+        None, "Subfolder of each adapter_name_or_path folder that holds the adapter (as PEFT's subfolder)."
     )
     cache_dir: str | None = param(None, "Local directory where downloaded models are cached.")
     use_fast_tokenizer: bool = param(True, "Use the fast (Rust) tokenizer when the model provides one.")
@@ -28,8 +28,10 @@ class ModelArgs(BaseModel):
     new_special_tokens: str | None = param(None, "Special tokens to add to the tokenizer, comma-separated.")
     model_revision: str = param("main", "Model revision to load: a branch, tag or commit id.")
     low_cpu_mem_usage: bool = param(True, "Load the model with reduced peak CPU memory.")
-    rope_scaling: Literal["linear", "dynamic", "yarn", "llama3"] | None = not_yet(
-        None, "RoPE scaling strategy for extending the context length."
+    rope_scaling: Literal["linear", "dynamic", "yarn", "llama3"] | None = param(
+        None,
+        "RoPE scaling to train beyond the model's context: the factor is the whole multiple of its pretrained length "
+        "that covers cutoff_len (inference commands double it); the trained model's config keeps it.",
     )
     flash_attn: Literal["auto", "disabled", "sdpa", "fa2"] = param(
         "auto", "Attention implementation: auto, disabled (eager), sdpa or fa2 (FlashAttention-2)."
@@ -41,8 +43,11 @@ class ModelArgs(BaseModel):
     use_unsloth: bool = not_yet(False, "Use unsloth kernels to speed up LoRA training.")
     use_unsloth_gc: bool = not_yet(False, "Use unsloth's gradient checkpointing.")
     enable_liger_kernel: bool = not_yet(False, "Use Liger kernels to speed up training.")
-    moe_aux_loss_coef: float | None = not_yet(
-        None, "Weight of the MoE auxiliary load-balancing loss; higher balances experts more.", ge=0
+    moe_aux_loss_coef: float | None = param(
+        None,
+        "Weight of an MoE model's router load-balancing loss, added to the pt/sft/dpo/kto loss (mixtral, qwen2_moe, "
+        "qwen3_moe, olmoe, ...); higher balances the experts more.",
+        ge=0,
     )
     disable_gradient_checkpointing: bool = param(False, "Turn gradient checkpointing off.")
     use_reentrant_gc: bool = param(True, "Use the reentrant variant of gradient checkpointing.")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -82,8 +83,25 @@ class LoomConfig(*GROUPS):
         """The adapters of adapter_name_or_path merged into the base before LoRA training: all of them with
         create_new_adapter (a fresh adapter is trained on top), else all but the last (which training continues).
         The base with these merged is also the LoRA policy's reference (its trained adapter disabled)."""
-        adapters = split_csv(self.adapter_name_or_path)
+        adapters = self.adapters()
         return adapters if self.create_new_adapter else adapters[:-1]
+
+    def adapters(self) -> list[str]:
+        """The folders of adapter_name_or_path, each with adapter_folder (the adapter's subfolder) joined on."""
+        paths = split_csv(self.adapter_name_or_path)
+        return [os.path.join(path, self.adapter_folder) for path in paths] if self.adapter_folder else paths
+
+    def best_model_metric(self) -> str | None:
+        """The logged name of load_best_model_at_end's metric (eval_ prefixed, as the evaluation logs it)."""
+        if not self.load_best_model_at_end:
+            return None
+        name = self.metric_for_best_model or "loss"
+        return name if name.startswith("eval_") else f"eval_{name}"
+
+    def best_is_greater(self) -> bool:
+        if self.greater_is_better is not None:
+            return self.greater_is_better
+        return not (self.best_model_metric() or "loss").endswith("loss")
 
     def shuffle_seed(self) -> int:
         return self.data_seed if self.data_seed is not None else self.seed

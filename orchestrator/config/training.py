@@ -4,7 +4,7 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-from .fields import not_yet, param, refused
+from .fields import param, refused
 
 _TF = "transformers"
 SCHEDULERS = (
@@ -146,12 +146,30 @@ class TrainingArgs(BaseModel):
         "optimizer, schedule, data position), or a transformers / LLaMA-Factory checkpoint-N (its weights only).",
         source=_TF,
     )
-    load_best_model_at_end: bool = not_yet(False, "Load the best checkpoint at the end.", source=_TF)
-    metric_for_best_model: str | None = not_yet(None, "Metric that picks the best checkpoint.", source=_TF)
-    greater_is_better: bool | None = not_yet(None, "Whether a larger metric is better.", source=_TF)
-    push_to_hub: bool = not_yet(False, "Upload the final model to the Hugging Face Hub.", source=_TF)
-    hub_model_id: str | None = not_yet(None, "Hub repository for push_to_hub.", source=_TF)
-    torch_compile: bool = not_yet(False, "Compile the model with torch.compile.", source=_TF)
+    load_best_model_at_end: bool = param(
+        False,
+        "output_dir gets the model of the checkpoint with the best evaluation metric, not the last step's; Ray keeps "
+        "that checkpoint whatever save_total_limit says. Every checkpoint step must be an evaluation step.",
+        source=_TF,
+    )
+    metric_for_best_model: str | None = param(
+        None, "The evaluation metric that picks the best checkpoint: loss (the default) or a stage metric.", source=_TF
+    )
+    greater_is_better: bool | None = param(
+        None, "Whether a larger metric is better (default: false for a loss, true otherwise).", source=_TF
+    )
+    push_to_hub: bool = param(
+        False,
+        "Upload output_dir to the Hugging Face Hub when the run ends (rank 0, one commit); checked at the driver "
+        "first: a token (hf_hub_token, HF_TOKEN or a login) and a Hub that answers (HF_ENDPOINT).",
+        source=_TF,
+    )
+    hub_model_id: str | None = param(
+        None, "Hub repository for push_to_hub (name or namespace/name; default: output_dir's name).", source=_TF
+    )
+    torch_compile: bool = param(
+        False, "Compile the DDP model with torch.compile (inductor); the first steps pay the compilation.", source=_TF
+    )
     neftune_noise_alpha: float | None = param(
         None, "NEFTune: uniform noise of this scale on the input embeddings, in training only.", gt=0, source=_TF
     )

@@ -111,3 +111,15 @@ def test_the_driver_refuses_what_cannot_work(tiny_model):
                                          apollo_target="q_proj,nope"))  # fmt: skip
     assert [(p.key, p.message.split(";")[0]) for p in targets] == [
         ("apollo_target", "module 'nope' is not a linear module of the model")]  # fmt: skip
+
+
+def test_badam_never_switching_is_minus_one_and_layerwise_clipping_is_refused_when_asked_for(tiny_model):
+    with pytest.raises(ConfigError) as refused:
+        tiny_config(tiny_model, finetuning_type="full", use_badam=True, badam_switch_interval=0)
+    assert "badam_switch_interval" in str(refused.value) and "-1 for never" in str(refused.value)
+    with pytest.raises(ConfigError) as refused:
+        tiny_config(tiny_model, finetuning_type="full", use_galore=True, galore_layerwise=True, ray_num_workers=1,
+                    max_grad_norm=0.5)  # fmt: skip
+    assert "before the whole gradient exists to be clipped" in str(refused.value)
+    # LLaMA-Factory's configs leave max_grad_norm at its default: accepted (the worker says it does not clip)
+    tiny_config(tiny_model, finetuning_type="full", use_galore=True, galore_layerwise=True, ray_num_workers=1)

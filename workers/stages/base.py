@@ -69,6 +69,15 @@ class BaseStage:
     def tokens(self, batch: dict[str, torch.Tensor]) -> int:
         return int(batch["attention_mask"].sum())
 
+    def with_router_loss(self, loss_sum: torch.Tensor, outputs: Any, units: float) -> torch.Tensor:
+        """moe_aux_loss_coef: an MoE model's load-balancing loss (a mean over the forward's tokens) weighed in, as
+        its own loss does. It is scaled by the micro-batch's units so that the loop's division by the window's units
+        leaves coefficient x aux loss per unit, whatever the batch size."""
+        aux = getattr(outputs, "aux_loss", None)
+        if aux is None or not self.cfg.moe_aux_loss_coef:
+            return loss_sum
+        return loss_sum + self.cfg.moe_aux_loss_coef * aux.to(loss_sum.dtype) * units
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 

@@ -28,8 +28,10 @@ class CausalLMStage(BaseStage):
         return float((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
     def forward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> StageOutput:
-        logits = model(**model_inputs(batch)).logits
-        loss_sum, _ = causal_lm_loss_sum(logits, batch["labels"])
+        outputs = model(**model_inputs(batch))
+        logits = outputs.logits
+        loss_sum, labelled = causal_lm_loss_sum(logits, batch["labels"])
+        loss_sum = self.with_router_loss(loss_sum, outputs, labelled)
         if self.cfg.compute_accuracy and not model.training:  # compute_accuracy: token accuracy at evaluation
             return StageOutput(loss_sum, {"accuracy": token_accuracy(logits.detach(), batch["labels"])})
         return StageOutput(loss_sum)

@@ -51,7 +51,8 @@ class Stage(BaseStage):
         return split_pairs(logps)
 
     def forward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> StageOutput:
-        logps, counts = sequence_logps(model(**model_inputs(batch)).logits, batch["labels"])
+        outputs = model(**model_inputs(batch))
+        logps, counts = sequence_logps(outputs.logits, batch["labels"])
         policy = self._per_pair(logps, counts)
         reference = self._per_pair(*self.reference.logps(batch)) if self.reference else None
         losses, chosen_rewards, rejected_rewards = preference_loss(self.cfg, policy, reference)
@@ -67,4 +68,4 @@ class Stage(BaseStage):
         add_metric(metrics, "rewards/margins", chosen_rewards - rejected_rewards)
         add_metric(metrics, "logps/chosen", policy[0])
         add_metric(metrics, "logps/rejected", policy[1])
-        return StageOutput(losses.sum(), metrics)
+        return StageOutput(self.with_router_loss(losses.sum(), outputs, len(losses)), metrics)

@@ -40,7 +40,8 @@ class Stage(BaseStage):
 
     def forward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> StageOutput:
         z0 = self.kl_baseline(model, batch)
-        logps, counts = sequence_logps(model(**model_inputs(batch)).logits, batch["labels"])
+        outputs = model(**model_inputs(batch))
+        logps, counts = sequence_logps(outputs.logits, batch["labels"])
         reference, _ = self.reference.logps(batch)
         desirable = batch["desirable"]
         losses, rewards = kto_loss(logps, reference, desirable, z0, beta=self.cfg.pref_beta,
@@ -53,4 +54,4 @@ class Stage(BaseStage):
         add_metric(metrics, "rewards/rejected", rewards[~desirable])
         add_metric(metrics, "logps/chosen", logps[desirable])
         add_metric(metrics, "logps/rejected", logps[~desirable])
-        return StageOutput(losses.sum(), metrics)
+        return StageOutput(self.with_router_loss(losses.sum(), outputs, len(losses)), metrics)

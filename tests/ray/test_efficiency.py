@@ -1,0 +1,72 @@
+"""Efficiency knobs on 2 CPU workers: a mixture-of-experts model trained past its pretrained context with RoPE scaling
+and its router loss, keeping the best checkpoint; a PiSSA adapter converted to plain LoRA."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from tests.helpers import tiny_moe
+from tests.ray.test_train import logged, run
+
+
+def weights(folder: str) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(folder, "model.safetensors"))
+
+
+def test_moe_past_its_context_with_rope_scaling_router_loss_and_the_best_checkpoint(ray_cluster, train_config,
+                                                                                   tiny_model, tmp_path):  # fmt: skip
+    """A tiny Mixtral pretrained for 48 positions trains on 128-token rows: linear RoPE scaling by 3 (so the rows fit
+    its positions), the router's balancing loss weighed in, and output_dir holding the checkpoint the metric picks.
+    The metric here asks for the highest eval loss, which on a falling curve is an early checkpoint, not the last."""
+    model = tiny_moe(tiny_model, tmp_path / "moe", max_position_embeddings=48)
+    raw = train_config(model_name_or_path=model, finetuning_type="full", cutoff_len=128, rope_scaling="linear",
+                       moe_aux_loss_coef=0.02, max_steps=6, save_steps=2, eval_steps=2, eval_strategy="steps",
+                       val_size=16, do_eval=True, load_best_model_at_end=True, greater_is_better=True,
+                       save_total_limit=1, learning_rate=2e-3, ray_run_name="moe-best")  # fmt: skip
+    outcome = run(raw, ray_cluster)
+    with open(os.path.join(outcome.output_dir, "config.json")) as handle:
+        config = json.load(handle)
+    assert config["rope_parameters"]["rope_type"] == "linear" and config["rope_parameters"]["factor"] == 3.0
+    assert config["max_position_embeddings"] == 144 and config["router_aux_loss_coef"] == 0.02
+    records = logged(outcome.output_dir)
+    evals = {r["step"]: r["eval_loss"] for r in records if "eval_loss" in r}
+    assert sorted(evals) == [2, 4, 6]
+    best = max(evals, key=evals.get)
+    assert best != 6, evals  # training lowered the eval loss: the "best" by this metric is an earlier checkpoint
+    # Ray kept the best checkpoint and the latest (save_total_limit 1 removed the one in between)
+    kept = sorted(n for n in os.listdir(outcome.plan.run_dir) if n.startswith("checkpoint-"))
+    assert kept == sorted({f"checkpoint-{best:06d}", "checkpoint-000006"})
+    saved = weights(outcome.output_dir)
+    chosen = weights(os.path.join(outcome.plan.run_dir, f"checkpoint-{best:06d}", "model"))
+    last = weights(os.path.join(outcome.plan.run_dir, "checkpoint-000006", "model"))
+    assert all(bool((saved[k] == chosen[k]).all()) for k in chosen)
+    assert any(not bool((saved[k] == last[k]).all()) for k in last)
+    with open(os.path.join(outcome.output_dir, "loom_run.json")) as handle:
+        assert json.load(handle)["best_model"] == {"step": best, "value": evals[best]}
+
+
+def test_pissa_convert_on_two_workers_writes_the_lora_difference_of_the_trained_adapter(ray_cluster, train_config):
+    """The converted adapter's update B'A' equals the trained PiSSA adapter's minus the initial one's, for every
+    target module: applied to the original base, it gives the trained model."""
+    from safetensors.torch import load_file
+
+    raw = train_config(finetuning_type="lora", lora_rank=4, pissa_init=True, pissa_iter=-1, pissa_convert=True,
+                       max_steps=3, save_steps=3, learning_rate=1e-2, ray_run_name="pissa")  # fmt: skip
+    out = run(raw, ray_cluster).output_dir
+
+    def updates(folder: str) -> dict:
+        with open(os.path.join(folder, "adapter_config.json")) as handle:
+            config = json.load(handle)
+        tensors = load_file(os.path.join(folder, "adapter_model.safetensors"))
+        scale = config["lora_alpha"] / config["r"]
+        return {k.replace(".lora_A.weight", ""): scale * (tensors[k.replace("lora_A", "lora_B")] @ tensors[k])
+                for k in tensors if "lora_A" in k}  # fmt: skip
+
+    trained, initial, converted = (updates(os.path.join(out, name)) for name in ("", "pissa_init", "pissa_converted"))
+    assert trained.keys() == initial.keys() == converted.keys()
+    worst = max(float((converted[k] - (trained[k] - initial[k])).abs().max()) for k in trained)
+    assert worst < 1e-5, worst
+    assert max(float((trained[k] - initial[k]).abs().max()) for k in trained) > 1e-4  # training moved it
