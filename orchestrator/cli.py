@@ -44,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--address", help="also check placement against this Ray cluster (default: RAY_ADDRESS if set)")
     tiny = commands.add_parser("tiny-model", help="build a tiny Llama model and tokenizer offline")
     tiny.add_argument("out_dir")
+    pro = commands.add_parser(
+        "llama-pro", help="LLaMA Pro: write a copy of a model with identity-initialised blocks inserted (use_llama_pro)"
+    )
+    pro.add_argument("model_dir", help="the model to expand (a local folder of safetensors weights)")
+    pro.add_argument("out_dir", help="where the expanded model goes (must not exist, or be empty)")
+    pro.add_argument("--num-expand", type=int, required=True, help="blocks to insert, one after each equal group")
     quick = commands.add_parser("quickstart", help="build a tiny model, train it with LoRA on 2 Ray workers, sample")
     quick.add_argument("--config", default=str(QUICKSTART_CONFIG))
     gen = commands.add_parser(
@@ -382,6 +388,22 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_llama_pro(args: argparse.Namespace) -> int:
+    from .errors import ConfigError, Problem
+    from .llama_pro import expand_model
+
+    try:
+        made = expand_model(args.model_dir, args.out_dir, args.num_expand)
+    except (ValueError, OSError) as error:
+        raise ConfigError([Problem("--num-expand" if "num_expand" in str(error) else "model_dir", str(error))],
+                          source="loom llama-pro") from None  # fmt: skip
+    print(f"expanded {made['num_layers_before']} -> {made['num_layers_after']} layers into {made['target']}; new "
+          f"blocks (identity at the start): {made['new_layers']}")  # fmt: skip
+    print(f"train them with: model_name_or_path: {made['target']}, finetuning_type: freeze, use_llama_pro: true, "
+          f"freeze_trainable_layers: {made['num_expand']}")  # fmt: skip
+    return 0
+
+
 def cmd_features(_: argparse.Namespace) -> int:
     from .features import features_markdown
 
@@ -417,6 +439,7 @@ COMMANDS = {
     "eval": cmd_eval,
     "predict": cmd_predict,
     "tiny-model": cmd_tiny_model,
+    "llama-pro": cmd_llama_pro,
     "features": cmd_features,
     "plot": cmd_plot,
     "status": cmd_status,

@@ -143,10 +143,26 @@ def _freeze_module_names(model: torch.nn.Module) -> tuple[set[str], set[str]]:
     return hidden, other
 
 
-def apply_freeze(cfg: Any, model: torch.nn.Module) -> None:
-    layers = model.config.num_hidden_layers
+def trainable_layer_ids(cfg: Any, layers: int) -> list[int]:
+    """The hidden layers that train: freeze_trainable_layers counted from the last (positive) or the first
+    (negative) layer; with use_llama_pro, the blocks `loom llama-pro` inserted (evenly strided)."""
     k = cfg.freeze_trainable_layers
-    layer_ids = range(max(0, layers - k), layers) if k > 0 else range(min(-k, layers))
+    if cfg.use_llama_pro:
+        from orchestrator.llama_pro import llama_pro_trainable_layers
+
+        return llama_pro_trainable_layers(layers, k)
+    return list(range(max(0, layers - k), layers) if k > 0 else range(min(-k, layers)))
+
+
+def llama_pro_lora_targets(cfg: Any, model: torch.nn.Module, targets: list[str]) -> list[str]:
+    """use_llama_pro with LoRA: the target modules inside the expanded blocks only, as full module names."""
+    layers = set(trainable_layer_ids(cfg, model.config.num_hidden_layers))
+    return [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)
+            and name.split(".")[-1] in targets and (m := _LAYER_INDEX.search(name)) and int(m.group(1)) in layers]  # fmt: skip
+
+
+def apply_freeze(cfg: Any, model: torch.nn.Module) -> None:
+    layer_ids = trainable_layer_ids(cfg, model.config.num_hidden_layers)
     modules = split_csv(cfg.freeze_trainable_modules)
     patterns = [f".{i}.{'' if m == 'all' else m + '.'}" for i in layer_ids for m in modules]
     extras = split_csv(cfg.freeze_extra_modules)
@@ -160,6 +176,7 @@ def apply_freeze(cfg: Any, model: torch.nn.Module) -> None:
 def lora_config(cfg: Any, model: torch.nn.Module) -> Any:
     from peft import LoraConfig, TaskType
 
+    targets = lora_targets(cfg, model)
     init: Any = True
     if cfg.pissa_init:
         init = "pissa" if cfg.pissa_iter == -1 else f"pissa_niter_{cfg.pissa_iter}"
@@ -168,7 +185,7 @@ def lora_config(cfg: Any, model: torch.nn.Module) -> Any:
         r=cfg.lora_rank,
         lora_alpha=cfg.effective_lora_alpha(),
         lora_dropout=cfg.lora_dropout,
-        target_modules=lora_targets(cfg, model),
+        target_modules=llama_pro_lora_targets(cfg, model, targets) if cfg.use_llama_pro else targets,
         modules_to_save=(
             split_csv(cfg.additional_target) + (embedding_module_names(model) if resizes_vocab(cfg) else [])
         )
@@ -200,7 +217,11 @@ def checkpointing_kwargs(cfg: Any) -> dict[str, Any]:
 
 def enable_gradient_checkpointing(cfg: Any, model: torch.nn.Module) -> None:
     kwargs = checkpointing_kwargs(cfg)
-    if hasattr(model, "activation_checkpointing_enable"):  # the transformers 5 name; the old one warns
+    if cfg.use_unsloth_gc:  # saved layer inputs wait in pinned host memory (workers/kernels.py)
+        from .kernels import enable_offloaded_checkpointing
+
+        enable_offloaded_checkpointing(model, kwargs)
+    elif hasattr(model, "activation_checkpointing_enable"):  # the transformers 5 name; the old one warns
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
@@ -241,8 +262,18 @@ def embedding_module_names(model: torch.nn.Module) -> list[str]:
 
 def build_model(cfg: Any, resume_dir: str | None = None, tokenizer: Any = None) -> torch.nn.Module:
     """The trainable model: base weights (or the checkpoint's, for full/freeze), then the fine-tuning method."""
+    if cfg.use_unsloth:
+        return _finish(cfg, build_unsloth_model(cfg, resume_dir, tokenizer))
     full_weights_from_checkpoint = resume_dir if cfg.finetuning_type != "lora" else None
     model = load_base_model(cfg, full_weights_from_checkpoint)
+    if cfg.shift_attn:
+        from .shift_attn import enable_shift_attn
+
+        enable_shift_attn(model)
+    if cfg.enable_liger_kernel:
+        from .kernels import apply_liger_kernel
+
+        print(apply_liger_kernel(model), flush=True)
     if resizes_vocab(cfg) and tokenizer is not None:
         fit_embeddings(model, tokenizer)
     if cfg.finetuning_type == "lora":
@@ -254,6 +285,33 @@ def build_model(cfg: Any, resume_dir: str | None = None, tokenizer: Any = None) 
     upcast(cfg, model)
     if cfg.uses_gradient_checkpointing():
         enable_gradient_checkpointing(cfg, model)
+    return _finish(cfg, model)
+
+
+def build_unsloth_model(cfg: Any, resume_dir: str | None, tokenizer: Any) -> torch.nn.Module:
+    """use_unsloth: unsloth's loader and LoRA (its kernels and gradient checkpointing) instead of transformers and
+    PEFT. A resumed checkpoint's adapter, or the one adapter of adapter_name_or_path, is loaded trainable."""
+    from .kernels import load_with_unsloth, unsloth_checkpointing, unsloth_peft
+
+    checkpointing = unsloth_checkpointing(cfg)
+    adapters = cfg.adapters()
+    source = resume_dir or (adapters[-1] if adapters else cfg.model_name_or_path)
+    model = load_with_unsloth(source, dtype=model_dtype(cfg), max_length=cfg.cutoff_len,
+                              gradient_checkpointing=checkpointing, token=cfg.hf_hub_token,
+                              trust_remote_code=cfg.trust_remote_code, revision=cfg.model_revision)  # fmt: skip
+    if resizes_vocab(cfg) and tokenizer is not None:
+        fit_embeddings(model, tokenizer)
+    if source != cfg.model_name_or_path:  # an adapter, already trainable
+        return model
+    lora = lora_config(cfg, model)
+    return unsloth_peft(model, rank=lora.r, alpha=lora.lora_alpha, dropout=lora.lora_dropout,
+                        targets=list(lora.target_modules), max_length=cfg.cutoff_len,
+                        gradient_checkpointing=checkpointing, use_rslora=lora.use_rslora, use_dora=lora.use_dora,
+                        init_lora_weights=lora.init_lora_weights, modules_to_save=lora.modules_to_save,
+                        seed=cfg.seed)  # fmt: skip
+
+
+def _finish(cfg: Any, model: torch.nn.Module) -> torch.nn.Module:
     if cfg.neftune_noise_alpha:
         add_neftune(model, cfg.neftune_noise_alpha)
     return model

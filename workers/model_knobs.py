@@ -1,7 +1,9 @@
-"""Changes to a model's config before its weights load: RoPE scaling and the MoE router's auxiliary loss.
+"""Changes to a model's config before its weights load (RoPE scaling, the MoE router's auxiliary loss), and the
+driver's checks of every knob that depends on the model's config (those two, shift_attn's model types, LLaMA Pro's
+block count).
 
-Both act on the transformers config, so the driver checks them on the config alone (no weights) and the workers and
-the inference engine apply them the same way. No torch here.
+They act on the transformers config, so the driver checks them on the config alone (no weights) and the workers and
+the inference engine apply them the same way.
 """
 
 from __future__ import annotations
@@ -108,7 +110,32 @@ def config_knob_problems(cfg: Any, config: Any, context: int | None) -> list[tup
         problems.append(("rope_scaling", f"given {cfg.rope_scaling!r}: {problem}"))
     if cfg.moe_aux_loss_coef is not None and context is not None and (problem := moe_problem(config)):
         problems.append(("moe_aux_loss_coef", f"given {cfg.moe_aux_loss_coef}: {problem}"))
+    if context is None:  # what follows changes training only
+        return problems
+    from .shift_attn import SHIFT_ATTN_MODEL_TYPES, supports_shift_attn
+
+    if cfg.shift_attn and not supports_shift_attn(config):
+        problems.append(("shift_attn", f"S²-Attn is built for model types {', '.join(sorted(SHIFT_ATTN_MODEL_TYPES))}"
+                                       f" (Llama's attention layout); this model is {config.model_type!r}"))  # fmt: skip
+    if cfg.use_llama_pro:
+        problems += _llama_pro_problems(cfg, config)
     return problems
+
+
+def _llama_pro_problems(cfg: Any, config: Any) -> list[tuple[str, str]]:
+    from orchestrator.llama_pro import llama_pro_trainable_layers, read_llama_pro_info
+
+    layers, k = config.num_hidden_layers, cfg.freeze_trainable_layers
+    try:
+        llama_pro_trainable_layers(layers, k)
+    except ValueError as error:
+        return [("freeze_trainable_layers", f"use_llama_pro: {error}")]
+    made = read_llama_pro_info(cfg.model_name_or_path)
+    if made and made.get("num_expand") != k:
+        return [("freeze_trainable_layers", f"given {k}; the model was expanded by `loom llama-pro` with "
+                                            f"{made['num_expand']} new blocks: set freeze_trainable_layers: "
+                                            f"{made['num_expand']} to train exactly those")]  # fmt: skip
+    return []
 
 
 def configure(config: Any, cfg: Any, context: int | None, router_loss: bool) -> list[str]:

@@ -161,6 +161,13 @@ def _stage_and_values(cfg: LoomConfig) -> list[Problem]:
     if cfg.moe_aux_loss_coef is not None and STAGES[cfg.stage].value_head:
         p.append(Problem("moe_aux_loss_coef", f"given {cfg.moe_aux_loss_coef}; the router loss is weighed into the "
                                               f"language-model stages (pt, sft, dpo, kto), not {cfg.stage}'s value head"))  # fmt: skip
+    if cfg.shift_attn and cfg.stage == "ppo":
+        p.append(Problem("shift_attn", "not with stage ppo: its rollouts generate with full attention from the same "
+                                       "model that trains with grouped attention"))  # fmt: skip
+    if cfg.use_llama_pro and cfg.finetuning_type == "full":
+        p.append(
+            Problem("use_llama_pro", "trains only the expanded blocks: finetuning_type freeze (or lora), not full")
+        )
     if cfg.torch_compile and (cfg.deepspeed or cfg.fsdp or cfg.stage == "ppo"):
         where = "stage ppo (its rollouts generate)" if cfg.stage == "ppo" else "DeepSpeed or FSDP"
         p.append(Problem("torch_compile", f"compiles the DDP model of pt, sft, rm, dpo and kto; not with {where}"))
@@ -476,6 +483,12 @@ def _datasets_named(cfg: LoomConfig) -> list[Problem]:
     return []
 
 
+def _kernels(cfg: LoomConfig) -> list[Problem]:
+    from workers.kernels import kernel_problems
+
+    return [Problem(key, message) for key, message in kernel_problems(cfg)]
+
+
 def _hub(cfg: LoomConfig) -> list[Problem]:
     from ..hub import hub_problems
 
@@ -483,7 +496,7 @@ def _hub(cfg: LoomConfig) -> list[Problem]:
 
 
 PURPOSES = {  # what a config is validated for: the checks beyond CHECKS that each use needs
-    "train": (_datasets_named, _stage_built, _ppo, _prediction, _trackers, _hub),
+    "train": (_datasets_named, _stage_built, _ppo, _prediction, _trackers, _hub, _kernels),
     "data": (_datasets_named,),  # loom data: prepares any stage's data, trainable or not yet
     "infer": (),  # chat, api, serve, export: a model and a template, no training data
 }

@@ -36,13 +36,28 @@ class ModelArgs(BaseModel):
     flash_attn: Literal["auto", "disabled", "sdpa", "fa2"] = param(
         "auto", "Attention implementation: auto, disabled (eager), sdpa or fa2 (FlashAttention-2)."
     )
-    shift_attn: bool = not_yet(False, "Enable shift short attention (S^2-Attn) from LongLoRA.")
-    mixture_of_depths: Literal["convert", "load"] | None = not_yet(
-        None, "Mixture-of-depths: convert the model to MoD, or load an existing MoD model."
+    shift_attn: bool = param(
+        False,
+        "LongLoRA's shifted sparse attention (S²-Attn) while training: attention within groups of a quarter of the "
+        "sequence, half the heads shifted by half a group (llama, mistral, qwen2, qwen3); full attention otherwise.",
     )
-    use_unsloth: bool = not_yet(False, "Use unsloth kernels to speed up LoRA training.")
-    use_unsloth_gc: bool = not_yet(False, "Use unsloth's gradient checkpointing.")
-    enable_liger_kernel: bool = not_yet(False, "Use Liger kernels to speed up training.")
+    mixture_of_depths: Literal["convert", "load"] | None = refused(
+        None,
+        "Mixture-of-depths: convert the model to MoD, or load an existing MoD model.",
+        "the mixture-of-depth package LLaMA-Factory uses (1.2.0) is written for transformers 4: `import MoD` fails on "
+        "transformers 5 (TRANSFORMERS_CACHE was removed) and its layer wrapper breaks on transformers 5's decoder "
+        "layer calls",
+    )
+    use_unsloth: bool = param(
+        False,
+        "Load and LoRA-wrap the model with unsloth's kernels (training; one CUDA worker, LoRA; workers/kernels.py).",
+    )
+    use_unsloth_gc: bool = param(
+        False, "Offloaded gradient checkpointing: checkpointed layer inputs wait in pinned host memory (CUDA workers)."
+    )
+    enable_liger_kernel: bool = param(
+        False, "Liger's Triton kernels for the model's RMSNorm, SwiGLU and RoPE while training (CUDA workers)."
+    )
     moe_aux_loss_coef: float | None = param(
         None,
         "Weight of an MoE model's router load-balancing loss, added to the pt/sft/dpo/kto loss (mixtral, qwen2_moe, "

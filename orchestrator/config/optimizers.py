@@ -4,13 +4,15 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-from orchestrator.config.fields import not_yet, param
+from orchestrator.config.fields import param
 
 
 class OptimizerArgs(BaseModel):
     use_adam_mini: bool = param(False, "Use the Adam-mini optimizer (one second moment per head or neuron).")
-    use_llama_pro: bool = not_yet(
-        False, "Train only the expanded blocks (LLaMA Pro block expansion).", "LLaMA Pro is not wired yet"
+    use_llama_pro: bool = param(
+        False,
+        "LLaMA Pro: train only the blocks `loom llama-pro` inserted (freeze_trainable_layers of them, evenly spaced), "
+        "under finetuning_type freeze, or LoRA on those blocks only.",
     )
 
     use_apollo: bool = param(False, "Use the APOLLO optimizer.")

@@ -70,3 +70,19 @@ def test_pissa_convert_on_two_workers_writes_the_lora_difference_of_the_trained_
     worst = max(float((converted[k] - (trained[k] - initial[k])).abs().max()) for k in trained)
     assert worst < 1e-5, worst
     assert max(float((trained[k] - initial[k]).abs().max()) for k in trained) > 1e-4  # training moved it
+
+
+def test_llama_pro_trains_only_the_inserted_blocks_with_shift_attn(ray_cluster, train_config, tiny_model, tmp_path):
+    """`loom llama-pro` inserts one identity block after each layer of the tiny model (2 -> 4 layers); a freeze run
+    with use_llama_pro (and S²-Attn over its 128-token rows) on 2 workers changes those blocks and nothing else."""
+    from orchestrator.cli import main
+
+    expanded = str(tmp_path / "pro")
+    assert main(["llama-pro", tiny_model, expanded, "--num-expand", "2"]) == 0
+    raw = train_config(model_name_or_path=expanded, finetuning_type="freeze", use_llama_pro=True,
+                       freeze_trainable_layers=2, shift_attn=True, max_steps=3, save_steps=3, learning_rate=1e-3,
+                       ray_run_name="llama-pro")  # fmt: skip
+    before, after = weights(expanded), weights(run(raw, ray_cluster).output_dir)
+    changed = {k.split(".")[2] for k in before if not bool((before[k] == after[k]).all()) and ".layers." in k}
+    assert changed == {"1", "3"}  # the inserted blocks
+    assert all(bool((before[k] == after[k]).all()) for k in before if ".layers." not in k)  # embeddings, norm, head

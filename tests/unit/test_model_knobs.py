@@ -114,3 +114,41 @@ def test_torch_compile_is_refused_where_it_is_not_built(tiny_model):
         tiny_config(tiny_model, torch_compile=True, stage="ppo", reward_model="http://127.0.0.1:1/score",
                     reward_model_type="api", dataset="loom_demo_sft")  # fmt: skip
     assert "torch_compile" in str(error.value) and "stage ppo" in str(error.value)
+
+
+def test_shift_attn_and_llama_pro_reach_the_built_model(tiny_model, tmp_path):
+    from orchestrator.llama_pro import expand_model
+    from workers.shift_attn import shift_attn_enabled
+
+    assert shift_attn_enabled(build_model(tiny_config(tiny_model, shift_attn=True)))
+    assert not shift_attn_enabled(build_model(tiny_config(tiny_model)))
+    expand_model(tiny_model, str(tmp_path / "pro"), 2)  # 4 layers, blocks 1 and 3 new
+    lora = build_model(tiny_config(str(tmp_path / "pro"), use_llama_pro=True, freeze_trainable_layers=2))
+    layers = {int(n.split(".layers.")[1].split(".")[0]) for n, p in lora.named_parameters() if p.requires_grad}
+    assert layers == {1, 3}  # LoRA on the inserted blocks only
+
+
+def test_shift_attn_and_llama_pro_refusals(tiny_model, moe_model, tmp_path):
+    from orchestrator.llama_pro import expand_model
+
+    with pytest.raises(ConfigError) as error:
+        preflight(tiny_config(moe_model, shift_attn=True), "test")
+    assert "shift_attn" in str(error.value) and "this model is 'mixtral'" in str(error.value)
+    with pytest.raises(ConfigError) as error:
+        tiny_config(tiny_model, use_llama_pro=True, finetuning_type="full")
+    assert "finetuning_type freeze (or lora), not full" in str(error.value)
+    expand_model(tiny_model, str(tmp_path / "pro"), 2)
+    with pytest.raises(ConfigError) as error:
+        preflight(tiny_config(str(tmp_path / "pro"), use_llama_pro=True, finetuning_type="freeze",
+                              freeze_trainable_layers=1), "test")  # fmt: skip
+    assert "expanded by `loom llama-pro` with 2 new blocks: set freeze_trainable_layers: 2" in str(error.value)
+    with pytest.raises(ConfigError) as error:
+        preflight(tiny_config(str(tmp_path / "pro"), use_llama_pro=True, freeze_trainable_layers=3), "test")
+    assert "freeze_trainable_layers" in str(error.value)
+
+
+def test_loom_llama_pro_refuses_without_a_traceback(tiny_model, tmp_path, capsys):
+    from orchestrator.cli import main
+
+    assert main(["llama-pro", tiny_model, str(tmp_path / "x"), "--num-expand", "3"]) == 2
+    assert "--num-expand" in capsys.readouterr().err and not (tmp_path / "x").exists()
