@@ -5,6 +5,9 @@ Also what the reference costs: dpo with full fine-tuning (a frozen copy of the m
 policy with its adapter disabled, no copy), and with `precompute_ref_logps` (log-probs computed beforehand, as Ray
 Data's actors do, so the worker holds no reference). Each case runs in a fresh process; peak RSS is that process's
 maximum resident set. Run from the repo root: `python bench/stages.py [--model tiny|small] [--steps N]`.
+
+`--suite optimizers` measures full fine-tuning with AdamW against GaLore, APOLLO, BAdam and Adam-mini, and LoRA
+against QLoRA (a 4-bit base), the same way.
 """
 
 from __future__ import annotations
@@ -39,6 +42,24 @@ CASES = {
     "ppo lora (api reward, 16 new tokens)": {"stage": "ppo", "dataset": "loom_demo_sft", "reward_model_type": "api",
                                              "max_new_tokens": 16, "ppo_epochs": 4},
 }  # fmt: skip
+
+
+# The memory-saving optimizers against AdamW on the same full fine-tuning (and LoRA, QLoRA beside them).
+OPTIMIZER_CASES = {
+    "full, AdamW": {"finetuning_type": "full", "learning_rate": 1e-4},
+    "full, GaLore (rank 16)": {"finetuning_type": "full", "learning_rate": 1e-4, "use_galore": True,
+                               "galore_rank": 16},
+    "full, GaLore layer-wise (rank 16)": {"finetuning_type": "full", "learning_rate": 1e-4, "use_galore": True,
+                                          "galore_rank": 16, "galore_layerwise": True},
+    "full, APOLLO (rank 16)": {"finetuning_type": "full", "learning_rate": 1e-4, "use_apollo": True,
+                               "apollo_rank": 16},
+    "full, BAdam (one layer at a time)": {"finetuning_type": "full", "learning_rate": 1e-4, "use_badam": True,
+                                          "badam_switch_interval": 4},
+    "full, Adam-mini": {"finetuning_type": "full", "learning_rate": 1e-4, "use_adam_mini": True},
+    "lora r8, AdamW": {"finetuning_type": "lora"},
+    "qlora r8 (4-bit nf4 base), AdamW": {"finetuning_type": "lora", "quantization_bit": 4},
+}  # fmt: skip
+SUITES = {"stages": CASES, "optimizers": OPTIMIZER_CASES}
 
 
 def config(model: str, case: dict, steps: int) -> dict:
@@ -96,6 +117,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", choices=("tiny", "small"), default="small")
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--suite", choices=tuple(SUITES), default="stages",
+                        help="stages: every stage beside sft; optimizers: AdamW against the memory-saving optimizers")  # fmt: skip
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--rows", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -109,8 +132,8 @@ def main() -> None:
     model = build_tiny_model(str(work / "model"), spec)
     env = {**os.environ, "OMP_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     results = {}
-    for name, case in CASES.items():
-        raw = config(model, case, args.steps)
+    for name, case in SUITES[args.suite].items():
+        raw = config(model, {"stage": "sft", "dataset": "loom_demo_sft", **case}, args.steps)
         rows_file = None
         if raw.get("precompute_ref_logps"):
             rows_file = str(work / "rows.pkl")
@@ -120,13 +143,15 @@ def main() -> None:
         out = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
         results[name] = {**json.loads(out.strip().splitlines()[-1]), "wall_s": round(time.perf_counter() - started, 1)}
         print(f"{name:<40} {json.dumps(results[name])}", flush=True)
-    sft = results["sft lora"]["step_s"]
-    print(f"\n{args.model} model, {args.steps} steps, batch 8, cutoff 128, 1 process, fp32")
-    print(f"{'case':<40} {'step s':>8} {'x sft':>7} {'peak RSS MB':>12}")
+    first = next(iter(results))
+    base = results[first]
+    print(f"\n{args.model} model, {args.steps} steps, batch 8, cutoff 128, 1 process, fp32; ratios against {first}")
+    print(f"{'case':<40} {'step s':>8} {'x':>7} {'peak RSS MB':>12} {'x':>6}")
     for name, r in results.items():
-        print(f"{name:<40} {r['step_s']:>8.3f} {r['step_s'] / sft:>7.2f} {r['peak_rss_mb']:>12.0f}")
+        print(f"{name:<40} {r['step_s']:>8.3f} {r['step_s'] / base['step_s']:>7.2f} {r['peak_rss_mb']:>12.0f} "
+              f"{r['peak_rss_mb'] / base['peak_rss_mb']:>6.2f}")  # fmt: skip
     os.makedirs(REPO / "bench" / "results", exist_ok=True)
-    out = REPO / "bench" / "results" / f"stages-{args.model}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out = REPO / "bench" / "results" / f"{args.suite}-{args.model}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps({"model": args.model, "steps": args.steps, "results": results}, indent=2))
 
 

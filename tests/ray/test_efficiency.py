@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
+
+import pytest
 
 from tests.helpers import tiny_moe
 from tests.ray.test_train import logged, run
@@ -86,3 +89,15 @@ def test_llama_pro_trains_only_the_inserted_blocks_with_shift_attn(ray_cluster, 
     changed = {k.split(".")[2] for k in before if not bool((before[k] == after[k]).all()) and ".layers." in k}
     assert changed == {"1", "3"}  # the inserted blocks
     assert all(bool((before[k] == after[k]).all()) for k in before if ".layers." not in k)  # embeddings, norm, head
+
+
+@pytest.mark.slow
+def test_torch_compile_trains_the_same_steps_as_eager(ray_cluster, train_config):
+    """torch_compile (inductor on CPU, about a minute of compilation per worker here) on 2 DDP workers: the same
+    losses as the eager run, step by step."""
+    base = {"finetuning_type": "lora", "max_steps": 3, "save_steps": 3, "disable_gradient_checkpointing": True}
+    eager = logged(run(train_config(**base, ray_run_name="eager"), ray_cluster).output_dir)
+    raw = train_config(**base, torch_compile=True, ray_run_name="compiled",
+                       output_dir=str(Path(train_config()["output_dir"]).parent / "out-compiled"))  # fmt: skip
+    compiled = logged(run(raw, ray_cluster).output_dir)
+    assert [r["loss"] for r in compiled] == pytest.approx([r["loss"] for r in eager], rel=1e-4)
