@@ -110,7 +110,7 @@ class HuggingFaceEngine(EngineBase):
         self.torch = torch
         self.stored_dtype = stored_dtype and cfg.infer_dtype == "auto"
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = self._load_model(cfg, source).to(self.device).eval()
+        self.model = self._load_model(cfg, source).eval()
         self.scorer = self._load_scorer(source)
         self.can_score = self.scorer is not None
         torch.manual_seed(cfg.seed)
@@ -122,18 +122,31 @@ class HuggingFaceEngine(EngineBase):
         from workers.model import ATTENTION, fit_embeddings, load_model_config
 
         remote_code_imports(cfg.trust_remote_code)
+        bits, quantized = cfg.quantization_bit, {}
+        if bits is not None:  # quantization_bit at inference: the base held k-bit (quantization_device_map: auto)
+            from workers.quantization import from_pretrained_kwargs
+
+            quantized = from_pretrained_kwargs(cfg, bits, self.device)
+            if quantized.get("device_map") == "auto":
+                quantized["offload_folder"] = cfg.offload_folder  # weights no device holds wait there
         model = AutoModelForCausalLM.from_pretrained(
-            source.base, config=load_model_config(cfg, source.base), dtype="auto" if self.stored_dtype else getattr(self.torch, INFER_DTYPES[cfg.infer_dtype]),
+            source.base, config=load_model_config(cfg, source.base),
+            dtype="auto" if self.stored_dtype else getattr(self.torch, INFER_DTYPES[cfg.infer_dtype]),
             attn_implementation=ATTENTION[cfg.flash_attn], trust_remote_code=cfg.trust_remote_code,
-            token=cfg.hf_hub_token, cache_dir=cfg.cache_dir, low_cpu_mem_usage=cfg.low_cpu_mem_usage,
+            token=cfg.hf_hub_token, cache_dir=cfg.cache_dir, low_cpu_mem_usage=cfg.low_cpu_mem_usage, **quantized,
         )  # fmt: skip
+        if bits is not None:
+            from workers.quantization import quantize_after_load
+
+            model = quantize_after_load(model, cfg, bits, self.device)
         fit_embeddings(model, self.tokenizer)  # an adapter trained with new tokens saved the grown embeddings
         if source.adapters:
             from peft import PeftModel
 
             for adapter in source.adapters:  # merged in order, so each one applies to the model the last produced
-                model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-        return model
+                model = PeftModel.from_pretrained(model, adapter)
+                model = model if bits is not None else model.merge_and_unload()  # k-bit: attached, not re-quantized
+        return model if quantized.get("device_map") else model.to(self.device)
 
     def _load_scorer(self, source: ModelSource) -> Any:
         if source.value_head is None:

@@ -38,8 +38,11 @@ def load_model_config(
     return config
 
 
-def load_base_model(cfg: Any, source: str | None = None, trainable: bool = True) -> torch.nn.Module:
-    """The causal LM from `source` (default model_name_or_path), or randomly initialised for train_from_scratch."""
+def load_base_model(
+    cfg: Any, source: str | None = None, trainable: bool = True, bits: int | None = None, device: Any = None
+) -> torch.nn.Module:
+    """The causal LM from `source` (default model_name_or_path), or randomly initialised for train_from_scratch;
+    held in `bits` (quantization_method) when given, its k-bit weights placed on `device` (the worker's)."""
     from transformers import AutoModelForCausalLM
 
     remote_code_imports(cfg.trust_remote_code)
@@ -51,7 +54,12 @@ def load_base_model(cfg: Any, source: str | None = None, trainable: bool = True)
     if cfg.train_from_scratch and source is None:
         return AutoModelForCausalLM.from_config(config, dtype=model_dtype(cfg), attn_implementation=attn,
                                                 trust_remote_code=cfg.trust_remote_code)  # fmt: skip
-    return AutoModelForCausalLM.from_pretrained(
+    quantized: dict[str, Any] = {}
+    if bits is not None:
+        from .quantization import from_pretrained_kwargs, weight_sharding
+
+        quantized = from_pretrained_kwargs(cfg, bits, None if weight_sharding(cfg) else device)  # ZeRO-3/FSDP place
+    model = AutoModelForCausalLM.from_pretrained(
         path,
         config=config,
         revision=revision,
@@ -59,26 +67,39 @@ def load_base_model(cfg: Any, source: str | None = None, trainable: bool = True)
         attn_implementation=attn,
         low_cpu_mem_usage=cfg.low_cpu_mem_usage,
         **common,
+        **quantized,
     )
+    if bits is None:
+        return model
+    from .quantization import quantize_after_load
+
+    return quantize_after_load(model, cfg, bits, device or "cpu")
 
 
-def load_frozen_model(cfg: Any, path: str, adapters: str | None) -> torch.nn.Module:
-    """A causal LM from `path` with `adapters` (comma-separated) merged in, in eval mode."""
+def load_frozen_model(
+    cfg: Any, path: str, adapters: str | None, bits: int | None = None, device: Any = None
+) -> torch.nn.Module:
+    """A frozen causal LM from `path` with `adapters` (comma-separated) merged in; held in `bits`, its one adapter
+    is attached instead (merging would re-quantize every targeted weight; the checks refuse more than one)."""
     from peft import PeftModel
 
-    model = load_base_model(cfg, path, trainable=False)
+    model = load_base_model(cfg, path, trainable=False, bits=bits, device=device)
     for adapter in split_csv(adapters):
-        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    return model
+        model = PeftModel.from_pretrained(model, adapter)
+        model = model if bits is not None else model.merge_and_unload()
+    model.requires_grad_(False)
+    return model.eval()
 
 
 def linear_module_names(model: torch.nn.Module) -> list[str]:
     """Short names of the linear layers LoRA can target with `all` (the output head excluded)."""
-    head = model.get_output_embeddings()
+    from .quantization import linear_types
+
+    head, linear = model.get_output_embeddings(), linear_types()  # hqq's layers are not nn.Linear
     names = {
         name.split(".")[-1]
         for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and module is not head
+        if isinstance(module, linear) and module is not head
     }
     return sorted(names)
 
@@ -260,12 +281,13 @@ def embedding_module_names(model: torch.nn.Module) -> list[str]:
     return sorted({name.split(".")[-1] for name, module in model.named_modules() if id(module) in wanted})
 
 
-def build_model(cfg: Any, resume_dir: str | None = None, tokenizer: Any = None) -> torch.nn.Module:
-    """The trainable model: base weights (or the checkpoint's, for full/freeze), then the fine-tuning method."""
+def build_model(cfg: Any, resume_dir: str | None = None, tokenizer: Any = None, device: Any = None) -> torch.nn.Module:
+    """The trainable model: base weights (or the checkpoint's, for full/freeze; k-bit with quantization_bit, placed
+    on `device`), then the fine-tuning method."""
     if cfg.use_unsloth:
         return _finish(cfg, build_unsloth_model(cfg, resume_dir, tokenizer))
     full_weights_from_checkpoint = resume_dir if cfg.finetuning_type != "lora" else None
-    model = load_base_model(cfg, full_weights_from_checkpoint)
+    model = load_base_model(cfg, full_weights_from_checkpoint, bits=cfg.quantization_bit, device=device)
     if cfg.shift_attn:
         from .shift_attn import enable_shift_attn
 

@@ -24,6 +24,7 @@ import torch
 from orchestrator.config.values import split_csv
 
 from .model import load_frozen_model
+from .quantization import frozen_bits
 from .value_head import ValueHeadModel, last_token_index, load_head_weights
 
 REWARD_ADAPTER = "reward"
@@ -76,7 +77,8 @@ class FullReward:
 
     def prepare(self, strategy: Any) -> None:
         with strategy.loading():
-            body = load_frozen_model(self.cfg, self.cfg.reward_model, self.cfg.reward_model_adapters)
+            body = load_frozen_model(self.cfg, self.cfg.reward_model, self.cfg.reward_model_adapters,
+                                     frozen_bits(self.cfg, "reward"), strategy.ctx.device)  # fmt: skip
             model = ValueHeadModel(body)
         if not model.load_head(reward_head_folder(self.cfg)):
             raise FileNotFoundError(f"reward_model: no value_head.safetensors in {reward_head_folder(self.cfg)}")

@@ -87,6 +87,9 @@ def _contradictions(cfg: LoomConfig) -> list[Problem]:
         p.append(Problem("neat_packing", "needs packing: true"))
     if cfg.pissa_convert and not cfg.pissa_init:
         p.append(Problem("pissa_convert", "needs pissa_init: true"))
+    if "offload_folder" in cfg.model_fields_set and cfg.quantization_device_map is None:
+        p.append(Problem("offload_folder", f"given {cfg.offload_folder!r}; weights are offloaded only when an "
+                                           "inference command spreads the model (quantization_device_map: auto)"))  # fmt: skip
     if cfg.bf16 and cfg.fp16:
         p.append(Problem("fp16", "bf16 and fp16 are both true; choose one"))
     if cfg.pure_bf16 and (cfg.bf16 or cfg.fp16):
@@ -489,6 +492,15 @@ def _kernels(cfg: LoomConfig) -> list[Problem]:
     return [Problem(key, message) for key, message in kernel_problems(cfg)]
 
 
+def _quantization(purpose: str) -> Callable[[LoomConfig], list[Problem]]:
+    def check(cfg: LoomConfig) -> list[Problem]:
+        from workers.quantization import quantization_problems
+
+        return [Problem(key, message) for key, message in quantization_problems(cfg, purpose)]
+
+    return check
+
+
 def _hub(cfg: LoomConfig) -> list[Problem]:
     from ..hub import hub_problems
 
@@ -496,9 +508,9 @@ def _hub(cfg: LoomConfig) -> list[Problem]:
 
 
 PURPOSES = {  # what a config is validated for: the checks beyond CHECKS that each use needs
-    "train": (_datasets_named, _stage_built, _ppo, _prediction, _trackers, _hub, _kernels),
+    "train": (_datasets_named, _stage_built, _ppo, _prediction, _trackers, _hub, _kernels, _quantization("train")),
     "data": (_datasets_named,),  # loom data: prepares any stage's data, trainable or not yet
-    "infer": (),  # chat, api, serve, export: a model and a template, no training data
+    "infer": (_quantization("infer"),),  # chat, api, serve, export: a model and a template, no training data
 }
 
 

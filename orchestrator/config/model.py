@@ -74,8 +74,10 @@ class ModelArgs(BaseModel):
         "Inference engine of chat, api, serve and predict: huggingface (transformers generate) or "
         "vllm (CUDA only: refused at the driver on a machine without it).",
     )
-    offload_folder: str = not_yet(
-        "offload", "Directory where model weights are offloaded.", reason="weight offloading is not wired yet"
+    offload_folder: str = param(
+        "offload",
+        "Where weights that fit on no device wait, when an inference command spreads a quantized model over the "
+        "devices (quantization_device_map: auto).",
     )
     use_cache: bool = param(True, "Use the KV cache during generation.")
     infer_dtype: Literal["auto", "float16", "bfloat16", "float32"] = param(

@@ -1,23 +1,25 @@
-"""Quantized model loading options (QLoRA and friends)."""
+"""Quantized model loading (QLoRA and friends): workers/quantization.py loads and checks them."""
 
 from typing import Literal
 
 from pydantic import BaseModel
 
-from orchestrator.config.fields import not_yet
-
-REASON = "quantized training is not built yet"
+from orchestrator.config.fields import param
 
 
 class QuantizationArgs(BaseModel):
-    quantization_method: Literal["bitsandbytes", "hqq", "eetq"] = not_yet(
-        "bitsandbytes", "Quantization backend: bitsandbytes, hqq or eetq.", REASON
+    quantization_method: Literal["bitsandbytes", "hqq", "eetq"] = param(
+        "bitsandbytes",
+        "Quantization backend: bitsandbytes (4 or 8 bits; CPU or CUDA), hqq (1-8 bits, swapped in after loading), "
+        "eetq (8 bits, CUDA workers).",
     )
-    quantization_bit: Literal[1, 2, 3, 4, 5, 6, 8] | None = not_yet(
-        None, "Bits per weight when loading the model quantized (e.g. 4 or 8).", REASON
+    quantization_bit: Literal[1, 2, 3, 4, 5, 6, 8] | None = param(
+        None, "Load the model with this many bits per weight and train LoRA on top (QLoRA); lora only."
     )
-    quantization_type: Literal["fp4", "nf4"] = not_yet("nf4", "4-bit data type for bitsandbytes: fp4 or nf4.", REASON)
-    double_quantization: bool = not_yet(True, "Also quantize the quantization constants (bitsandbytes 4-bit).", REASON)
-    quantization_device_map: Literal["auto"] | None = not_yet(
-        None, "Device map used to run inference on a 4-bit quantized model.", REASON
+    quantization_type: Literal["fp4", "nf4"] = param("nf4", "4-bit data type for bitsandbytes: fp4 or nf4.")
+    double_quantization: bool = param(True, "Also quantize the quantization constants (bitsandbytes 4-bit).")
+    quantization_device_map: Literal["auto"] | None = param(
+        None,
+        "Inference commands: spread a 4-bit bitsandbytes model over the devices (device_map auto; weights that fit "
+        "nowhere go to offload_folder). Training places each worker's model itself.",
     )

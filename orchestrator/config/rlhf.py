@@ -4,9 +4,7 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-from orchestrator.config.fields import not_yet, param
-
-QUANTIZED = "quantized loading lands with the quantization work (quantization_bit); load the model unquantized"
+from orchestrator.config.fields import param
 
 
 class RlhfArgs(BaseModel):
@@ -31,13 +29,13 @@ class RlhfArgs(BaseModel):
         "Reference model for DPO, KTO or PPO; default: the LoRA policy with its adapter disabled, else the initial model.",
     )
     ref_model_adapters: str | None = param(None, "Adapter(s) to load on the reference model.")
-    ref_model_quantization_bit: Literal[4, 8] | None = not_yet(
-        None, "Load the reference model quantized to 4 or 8 bits.", QUANTIZED
+    ref_model_quantization_bit: Literal[4, 8] | None = param(
+        None, "Load the reference model (ref_model) quantized to 4 or 8 bits, with quantization_method."
     )
     reward_model: str | None = param(None, "Reward model used by PPO.")
     reward_model_adapters: str | None = param(None, "Adapter(s) to load on the reward model.")
-    reward_model_quantization_bit: Literal[4, 8] | None = not_yet(
-        None, "Load the reward model quantized to 4 or 8 bits.", QUANTIZED
+    reward_model_quantization_bit: Literal[4, 8] | None = param(
+        None, "Load the full reward model quantized to 4 or 8 bits, with quantization_method."
     )
     reward_model_type: Literal["lora", "full", "api"] = param(
         "lora", "Kind of reward model for PPO: a LoRA adapter, a full model or an API endpoint."

@@ -24,13 +24,16 @@ class ReferenceScorer:
 
         from orchestrator.config.schema import LoomConfig
         from workers.model import load_frozen_model, load_tokenizer_for
+        from workers.quantization import frozen_bits
 
         from ..stages import reference_source
 
         self.cfg = LoomConfig.model_validate(config)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         path, adapters = reference_source(self.cfg)
-        self.model = load_frozen_model(self.cfg, path, adapters).to(self.device).eval()
+        bits = frozen_bits(self.cfg, "reference")
+        model = load_frozen_model(self.cfg, path, adapters, bits, self.device)
+        self.model = model if bits is not None else model.to(self.device)  # a k-bit model is placed as it loads
         self.pad_id = load_tokenizer_for(self.cfg).pad_token_id
 
     def _logps(self, batch: dict[str, Any]) -> np.ndarray:

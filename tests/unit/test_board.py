@@ -38,7 +38,7 @@ def test_pickers_set_one_key_and_the_dataset_picker_lists_the_registry():
 
 def test_a_keys_doc_and_the_curve_from_the_log(tmp_path):
     assert "`lora_rank`" in key_doc("lora_rank") and "works" in key_doc("lora_rank")
-    assert "not yet" in key_doc("use_llama_pro") and key_doc("no_such_key") == ""
+    assert "not yet" in key_doc("media_dir") and key_doc("no_such_key") == ""
     log = TrainerLog(str(tmp_path / "trainer_log.jsonl"))
     log.append({"step": 1, "loss": 2.0})
     log.append({"step": 2, "loss": 1.5, "eval_loss": 1.8})

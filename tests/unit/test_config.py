@@ -48,13 +48,13 @@ def test_ten_mistakes_are_reported_together(model_dir):
         neat_packing=True,  # 6 contradiction (no packing); also not built yet
         pref_beta=0.2,  # 7 DPO-only key with stage sft
         fp16=True,  # 8 needs a GPU
-        quantization_bit=4,  # 9 not supported yet
+        media_dir="media",  # 9 not supported yet
         lora_dropout=1.5,  # 10 out of range
     )
     found = problems(raw)
     expected = {
         "lora_rnak", "stage", "cutoff_len", "learning_rate", "template",
-        "neat_packing", "pref_beta", "fp16", "quantization_bit", "lora_dropout",
+        "neat_packing", "pref_beta", "fp16", "media_dir", "lora_dropout",
     }  # fmt: skip
     assert expected <= set(found), found
     assert "did you mean 'lora_rank'" in found["lora_rnak"]
@@ -62,7 +62,7 @@ def test_ten_mistakes_are_reported_together(model_dir):
     assert "-5" in found["cutoff_len"] and "greater than or equal to 1" in found["cutoff_len"]
     assert "did you mean 'default'" in found["template"]
     assert "only used with stage dpo" in found["pref_beta"]
-    assert "not supported yet" in found["quantization_bit"]
+    assert "not supported yet" in found["media_dir"]
 
 
 def test_error_message_names_source_and_counts(model_dir):

@@ -61,7 +61,7 @@ class BaseStage:
         self.spec, self.cfg, self.ctx, self.tokenizer = spec, cfg, ctx, tokenizer
 
     def build_model(self, resume_dir: str | None) -> torch.nn.Module:
-        return build_model(self.cfg, resume_dir, self.tokenizer)
+        return build_model(self.cfg, resume_dir, self.tokenizer, self.ctx.device)
 
     def prepare(self, strategy: Any) -> None:
         self.strategy = strategy

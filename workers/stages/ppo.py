@@ -56,7 +56,7 @@ def response_ids(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 class Stage(BaseStage):
     def build_model(self, resume_dir: str | None) -> torch.nn.Module:
-        model = ValueHeadModel(build_model(self.cfg, resume_dir, self.tokenizer))
+        model = ValueHeadModel(build_model(self.cfg, resume_dir, self.tokenizer, self.ctx.device))
         if resume_dir:
             model.load_head(resume_dir)
         self.reward = make_reward(self.cfg)

@@ -18,6 +18,7 @@ from orchestrator.stages import reference_source
 from ..collate import IGNORE_INDEX, model_inputs
 from ..losses import sequence_logps
 from ..model import load_frozen_model
+from ..quantization import frozen_bits
 
 
 class Reference:
@@ -27,7 +28,7 @@ class Reference:
             self.model = policy
             return
         with strategy.loading():
-            model = load_frozen_model(cfg, *reference_source(cfg))
+            model = load_frozen_model(cfg, *reference_source(cfg), frozen_bits(cfg, "reference"), strategy.ctx.device)
         self.model = strategy.prepare_frozen(model)
 
     def _mode(self) -> contextlib.AbstractContextManager:

@@ -25,7 +25,7 @@ def scores(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tens
 
 class Stage(BaseStage):
     def build_model(self, resume_dir: str | None) -> torch.nn.Module:
-        model = ValueHeadModel(build_model(self.cfg, resume_dir, self.tokenizer), train_lm_head=False)
+        model = ValueHeadModel(build_model(self.cfg, resume_dir, self.tokenizer, self.ctx.device), train_lm_head=False)
         if resume_dir:
             model.load_head(resume_dir)
         return model
