@@ -15,9 +15,9 @@ import os
 import time
 from typing import Any
 
-from orchestrator.config.values import split_csv
 from orchestrator.console import quiet_process
 from orchestrator.errors import ConfigError, Problem
+from orchestrator.values import split_csv
 
 from .actors import on_model_actors
 from .backends import load_engine

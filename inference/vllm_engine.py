@@ -15,8 +15,8 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-from orchestrator.config.values import as_dict, split_csv
 from orchestrator.errors import Problem
+from orchestrator.values import as_dict, split_csv
 
 from .engine import Conversation, EngineBase, Reply, Sampling, finished_reply, held_back
 from .source import ModelSource

@@ -12,12 +12,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import storage
-from .config.values import split_csv
 from .data.registry import DatasetSpec, resolve_datasets
 from .errors import ConfigError, PlanError, Problem
 from .paths import TRANSFORMERS_STATE, checkpoint_kind, is_uri
 from .plan import RUN_MARKER, RunPlan
 from .storage import storage_filesystem
+from .values import split_csv
 
 
 def data_problems(cfg: Any) -> tuple[list[DatasetSpec], list[Problem]]:

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from orchestrator.config.values import split_csv
 from orchestrator.optimizers import chosen, layerwise
+from orchestrator.values import split_csv
 
 from .param_groups import parameter_groups
 

@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 
-from orchestrator.config.values import as_dict, split_csv
 from orchestrator.data.tokenizer import TokenizerSpec, load_tokenizer
 from orchestrator.environment import remote_code_imports
+from orchestrator.values import as_dict, split_csv
 
 from .model_knobs import configure
 
@@ -56,7 +56,9 @@ def load_base_model(
                                                 trust_remote_code=cfg.trust_remote_code)  # fmt: skip
     quantized: dict[str, Any] = {}
     if bits is not None:
-        from .quantization import from_pretrained_kwargs, weight_sharding
+        from orchestrator.quantization import weight_sharding
+
+        from .quantization import from_pretrained_kwargs
 
         quantized = from_pretrained_kwargs(cfg, bits, None if weight_sharding(cfg) else device)  # ZeRO-3/FSDP place
     model = AutoModelForCausalLM.from_pretrained(

@@ -6,8 +6,8 @@ from typing import Any
 
 import torch
 
-from orchestrator.config.values import as_dict
 from orchestrator.optimizers import chosen
+from orchestrator.values import as_dict
 
 from .param_groups import parameter_groups
 

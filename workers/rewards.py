@@ -21,10 +21,10 @@ from typing import Any
 
 import torch
 
-from orchestrator.config.values import split_csv
+from orchestrator.quantization import frozen_bits
+from orchestrator.values import split_csv
 
 from .model import load_frozen_model
-from .quantization import frozen_bits
 from .value_head import ValueHeadModel, last_token_index, load_head_weights
 
 REWARD_ADAPTER = "reward"

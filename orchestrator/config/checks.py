@@ -16,10 +16,10 @@ from ..paths import checkpoint_kind, checkpoint_weights, is_safe_name, is_uri
 from ..stages import BUILT, REFERENCE_FREE_LOSSES, STAGES, stages_reading
 from ..suggest import did_you_mean
 from ..trackers import requested, tracker_problems
+from ..values import as_dict, split_csv
 from .fields import Support
 from .schema import LoomConfig, shown
 from .tracking import TrackingArgs
-from .values import as_dict, split_csv
 
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 _PROMISED: ContextVar[frozenset[str]] = ContextVar("promised_outputs", default=frozenset())
@@ -487,14 +487,14 @@ def _datasets_named(cfg: LoomConfig) -> list[Problem]:
 
 
 def _kernels(cfg: LoomConfig) -> list[Problem]:
-    from workers.kernels import kernel_problems
+    from ..kernels import kernel_problems
 
     return [Problem(key, message) for key, message in kernel_problems(cfg)]
 
 
 def _quantization(purpose: str) -> Callable[[LoomConfig], list[Problem]]:
     def check(cfg: LoomConfig) -> list[Problem]:
-        from workers.quantization import quantization_problems
+        from ..quantization import quantization_problems
 
         return [Problem(key, message) for key, message in quantization_problems(cfg, purpose)]
 

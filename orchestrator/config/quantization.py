@@ -1,4 +1,5 @@
-"""Quantized model loading (QLoRA and friends): workers/quantization.py loads and checks them."""
+"""Quantized model loading (QLoRA and friends): orchestrator/quantization.py checks them, workers/quantization.py
+loads them."""
 
 from typing import Literal
 

@@ -10,6 +10,7 @@ from typing import Any
 from pydantic import ConfigDict
 
 from ..stages import STAGES
+from ..values import as_dict, split_csv
 from .data import DataArgs
 from .evaluation import EvaluationArgs
 from .export import ExportArgs
@@ -24,7 +25,6 @@ from .ray import RayArgs
 from .rlhf import RlhfArgs
 from .tracking import TrackingArgs
 from .training import TrainingArgs
-from .values import as_dict, split_csv
 
 GROUPS = (
     ModelArgs,

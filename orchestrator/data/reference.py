@@ -24,8 +24,8 @@ class ReferenceScorer:
 
         from orchestrator.config.schema import LoomConfig
         from workers.model import load_frozen_model, load_tokenizer_for
-        from workers.quantization import frozen_bits
 
+        from ..quantization import frozen_bits
         from ..stages import reference_source
 
         self.cfg = LoomConfig.model_validate(config)

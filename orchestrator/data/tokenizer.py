@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 from functools import lru_cache
 from typing import Any
 
-from ..config.values import split_csv
+from ..values import split_csv
 from .templates import get_template, prepare_tokenizer
 
 

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from orchestrator import kernels as kernel_checks
 from orchestrator.config.schema import LoomConfig
 from workers import kernels
 
@@ -22,22 +23,22 @@ def config(resources=None, **keys) -> LoomConfig:
 
 
 def found(cfg: LoomConfig, model_type: str | None = None) -> dict[str, str]:
-    return dict(kernels.kernel_problems(cfg, model_type))
+    return dict(kernel_checks.kernel_problems(cfg, model_type))
 
 
 @pytest.fixture
 def packages(monkeypatch):
     """liger-kernel and unsloth installed (and unsloth happy with the installed versions), whatever this venv has."""
-    monkeypatch.setattr(kernels, "_installed", lambda module: True)
-    monkeypatch.setattr(kernels, "liger_model_types", lambda: ["llama", "mistral", "qwen2"])
-    monkeypatch.setattr(kernels, "unsloth_version_problems", lambda: [])
+    monkeypatch.setattr(kernel_checks, "installed", lambda module: True)
+    monkeypatch.setattr(kernel_checks, "liger_model_types", lambda: ["llama", "mistral", "qwen2"])
+    monkeypatch.setattr(kernel_checks, "unsloth_version_problems", lambda: [])
 
 
 # ---------------------------------------------------------------- the driver's refusals
 
 
 def test_nothing_is_refused_when_no_kernel_key_is_set():
-    assert kernels.kernel_problems(config(resources={"CPU": 1})) == []
+    assert kernel_checks.kernel_problems(config(resources={"CPU": 1})) == []
 
 
 @pytest.mark.parametrize("key", ["enable_liger_kernel", "use_unsloth", "use_unsloth_gc"])
@@ -50,7 +51,7 @@ def test_each_gpu_key_is_refused_on_workers_without_a_gpu(key):
 
 
 def test_a_missing_kernel_package_is_refused_with_its_pip_line(monkeypatch):
-    monkeypatch.setattr(kernels, "_installed", lambda module: False)
+    monkeypatch.setattr(kernel_checks, "installed", lambda module: False)
     problems = found(config(enable_liger_kernel=True))
     assert problems["enable_liger_kernel"].endswith("pip install -c constraints.txt liger-kernel")
     problems = found(config(use_unsloth=True))
@@ -71,7 +72,7 @@ def test_liger_refuses_a_model_type_it_has_no_kernels_for_and_names_the_supporte
 def test_liger_supported_types_are_read_from_the_installed_package_without_importing_it():
     if importlib.util.find_spec("liger_kernel") is None:
         pytest.skip("liger-kernel is not installed here (pip install -c constraints.txt liger-kernel)")
-    types = kernels.liger_model_types()
+    types = kernel_checks.liger_model_types()
     assert {"llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3"} <= set(types)
 
 
@@ -99,18 +100,18 @@ def test_liger_supported_types_are_read_from_the_installed_package_without_impor
     ],
 )
 def test_unsloth_refusals(packages, keys, key, phrase):
-    problems = dict(kernels.unsloth_problems(config(**{"use_unsloth": True, **keys})))
+    problems = dict(kernel_checks.unsloth_problems(config(**{"use_unsloth": True, **keys})))
     assert phrase in problems.get(key, ""), problems
 
 
 def test_unsloth_accepts_one_lora_worker_with_zero2_one_adapter_and_embedding_targets(packages):
     cfg = config(use_unsloth=True, use_unsloth_gc=True, deepspeed={"zero_optimization": {"stage": 2}},
                  adapter_name_or_path="adapter", additional_target="embed_tokens,lm_head,norm")  # fmt: skip
-    assert kernels.kernel_problems(cfg) == []
+    assert kernel_checks.kernel_problems(cfg) == []
 
 
 def test_an_installed_unsloth_is_held_to_the_versions_it_declares(monkeypatch):
-    monkeypatch.setattr(kernels, "_installed", lambda module: True)
+    monkeypatch.setattr(kernel_checks, "installed", lambda module: True)
     declared = [
         "torch<2.15.0,>=2.4.0",
         "transformers<=5.17.0,>=4.52.4",
@@ -120,8 +121,8 @@ def test_an_installed_unsloth_is_held_to_the_versions_it_declares(monkeypatch):
     ]
     installed = {"unsloth": "2026.10.9", "torch": "2.13.0+cpu", "transformers": "5.24.0", "trl": "1.16.0"}
     monkeypatch.setattr("importlib.metadata.requires", lambda name: declared)
-    monkeypatch.setattr(kernels, "_version", installed.get)
-    assert kernels.unsloth_version_problems() == ["transformers<=5.17.0,>=4.52.4 (installed: 5.24.0)",
+    monkeypatch.setattr(kernel_checks, "installed_version", installed.get)
+    assert kernel_checks.unsloth_version_problems() == ["transformers<=5.17.0,>=4.52.4 (installed: 5.24.0)",
                                                   "trl<=1.15.0 (installed: 1.16.0)"]  # fmt: skip
     message = found(config(use_unsloth=True))["use_unsloth"]
     assert message.startswith("unsloth 2026.10.9 declares transformers<=5.17.0,>=4.52.4 (installed: 5.24.0); trl")

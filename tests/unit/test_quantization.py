@@ -10,16 +10,10 @@ import pytest
 import torch
 
 from orchestrator.config import LoomConfig
+from orchestrator.quantization import frozen_bits, quantization_problems
 from tests.helpers import DEMO_DATA
 from workers.model import load_base_model, load_frozen_model
-from workers.quantization import (
-    disable_cpu_repacking,
-    from_pretrained_kwargs,
-    frozen_bits,
-    linear_types,
-    quantization_config,
-    quantization_problems,
-)
+from workers.quantization import disable_cpu_repacking, from_pretrained_kwargs, linear_types, quantization_config
 
 bnb = pytest.importorskip("bitsandbytes")
 

@@ -13,12 +13,12 @@ from typing import Any
 
 import torch
 
+from orchestrator.quantization import frozen_bits
 from orchestrator.stages import reference_source
 
 from ..collate import IGNORE_INDEX, model_inputs
 from ..losses import sequence_logps
 from ..model import load_frozen_model
-from ..quantization import frozen_bits
 
 
 class Reference:
