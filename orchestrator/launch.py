@@ -175,14 +175,16 @@ def _wait_until_free(wanted: dict[str, float], timeout_s: float) -> None:
 
 
 def check_columns(cfg: Any, specs: list) -> None:
-    """Every dataset readable, with the columns its format needs; read in Ray tasks, reported before training."""
+    """Every dataset readable, with the columns its format needs; read in Ray tasks (small local files: here),
+    reported before training."""
     from .data.formats import required_columns
+    from .data.local import local_column_names, readable_here
     from .data.readers import DatasetReadError, column_names
 
     problems = []
     for spec in specs:
         try:
-            names = column_names(spec)
+            names = local_column_names(spec) if readable_here([spec]) else column_names(spec)
         except DatasetReadError as error:
             problems.append(f"dataset {spec.name!r} ({spec.source}) cannot be read: {error}")
             continue

@@ -22,6 +22,7 @@ from ray.data.expressions import col
 from ..stages import processor_name
 from .cache import TokenizedCache, cached_manifest, fingerprint
 from .formats import convert
+from .local import on_driver, prepare_on_driver
 from .mixing import mixed_positions
 from .processors import PROCESSORS, ProcessorOptions, id_columns
 from .readers import read_dataset
@@ -341,7 +342,9 @@ def prepare_data(cfg: Any, specs: list[DatasetSpec], eval_specs: list[DatasetSpe
     manifest = cached_manifest(cfg, specs, eval_specs)
     if manifest is not None:
         return _read_cached(cfg, TokenizedCache(cfg.tokenized_path), manifest)
-    data = build_datasets(cfg, specs, eval_specs)
+    data = prepare_on_driver(cfg, specs, eval_specs) if on_driver(cfg, specs, eval_specs) else None
+    if data is None:
+        data = build_datasets(cfg, specs, eval_specs)
     if cfg.precompute_ref_logps:
         from .reference import with_reference_logps
 

@@ -153,3 +153,64 @@ def test_preference_data_prepares_through_ray(ray_cluster, tiny_model, stage, da
     outcome = prepare(ray_cluster, cfg)
     assert outcome.summary["train_examples"] == 40 and outcome.summary["rows_dropped"] == 0
     assert columns <= set(outcome.example)
+
+
+def _rows(ds) -> list[dict]:
+    return [{k: (list(v) if hasattr(v, "__len__") and not isinstance(v, str) else v) for k, v in row.items()}
+            for row in ds.take_all()]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{"val_size": 0.2}, {"packing": True, "neat_packing": True, "eval_dataset": "held.jsonl"},
+     {"disable_shuffling": True, "max_samples": 15, "preprocessing_batch_size": 4, "packing": True}],
+    ids=["shuffled-split", "neat-packed-with-eval-set", "in-order-limited-small-batches"],
+)  # fmt: skip
+def test_small_data_prepared_on_the_driver_equals_ray_datas_preparation(ray_cluster, tiny_model, data_dir, extra):
+    """The driver path (orchestrator/data/local.py) and the Ray Data path give the same rows in the same order,
+    the same validation split and the same summary."""
+    from orchestrator.data.local import on_driver, prepare_on_driver
+    from orchestrator.data.pipeline import build_datasets
+    from orchestrator.preflight import preflight_data
+
+    cfg = config(tiny_model, data_dir, **extra)
+    specs = preflight_data(cfg, "test")
+    assert on_driver(cfg, specs.train, specs.eval)
+    here, there = prepare_on_driver(cfg, specs.train, specs.eval), build_datasets(cfg, specs.train, specs.eval)
+    assert here.summary == there.summary and here.summary["train_examples"] > 0
+    assert _rows(here.train) == _rows(there.train)
+    assert sorted(here.evals) == sorted(there.evals)
+    for name in here.evals:
+        assert _rows(here.evals[name]) == _rows(there.evals[name]) and here.evals[name].count() > 0
+
+
+def test_interleaved_streamed_or_large_data_stays_on_ray_data(tiny_model, data_dir, monkeypatch):
+    from orchestrator.data.local import DRIVER_BYTES_ENV, on_driver
+    from orchestrator.preflight import preflight_data
+
+    cfg = config(tiny_model, data_dir)
+    specs = preflight_data(cfg, "test")
+    assert on_driver(cfg, specs.train, specs.eval)
+    interleaved = config(tiny_model, data_dir, mix_strategy="interleave_under")
+    assert not on_driver(interleaved, specs.train, specs.eval)
+    assert not on_driver(config(tiny_model, data_dir, streaming=True, max_steps=4), specs.train, specs.eval)
+    monkeypatch.setenv(DRIVER_BYTES_ENV, "100")  # smaller than the two files together
+    assert not on_driver(cfg, specs.train, specs.eval)
+
+
+def test_packing_over_a_dataset_of_several_blocks_stays_on_ray_data(tiny_model, tmp_path):
+    """Packing fills blocks within a batch, and how Ray Data cuts batches across blocks is its own: a packed
+    dataset that reads as more than one block is prepared by Ray Data."""
+    from orchestrator.data.local import prepare_on_driver, tokenize_local
+    from orchestrator.data.pipeline import TokenizeJob
+    from orchestrator.data.readers import CHUNK_ROWS
+    from orchestrator.preflight import preflight_data
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    write_rows(folder / "big.jsonl", CHUNK_ROWS + 1, "big")
+    cfg = config(tiny_model, folder, dataset="big.jsonl", packing=True)
+    specs = preflight_data(cfg, "test")
+    assert prepare_on_driver(cfg, specs.train, specs.eval) is None
+    unpacked = cfg.model_copy(update={"packing": False})
+    assert tokenize_local(specs.train[0], TokenizeJob.from_config(unpacked), unpacked).num_rows > CHUNK_ROWS
