@@ -91,3 +91,34 @@ def test_neatly_packed_sequence_has_the_same_logits_as_alone(llama, attention):
         leaky = llama(input_ids=batch["input_ids"][:1], position_ids=batch["position_ids"][:1],
                       attention_mask=torch.ones(1, 9, dtype=torch.long)).logits  # fmt: skip
     assert not torch.allclose(leaky[0, 5:], alone_second[0], atol=1e-3)
+
+
+def _summed_loss(model, batch: dict) -> torch.Tensor:
+    logits = model(**model_inputs(batch)).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+
+
+def test_neat_packing_gives_the_gradient_of_the_same_sequences_unpacked(llama):
+    """The fast recipe (docs/PERFORMANCE.md: neat packing) learns what the padded batch learns: the same sequences,
+    packed into one row with restarting positions, give the same summed loss and the same gradient on every weight.
+    Each sequence's first label is masked, as the supervised processor masks a prompt, so no sequence predicts the
+    next one's first token."""
+    llama.config._attn_implementation = "sdpa"
+    sequences = [[3, 9, 4, 17, 22], [8, 1, 30, 12], [5, 7, 2]]
+    labels = [[-100] + s[1:] for s in sequences]
+    padded = pad_batch(sequences, labels, 0)
+    packed = pad_batch([sum(sequences, [])], [sum(labels, [])], 0,
+                       position_ids=[[i for s in sequences for i in range(len(s))]],
+                       segment_ids=[[n + 1 for n, s in enumerate(sequences) for _ in s]])  # fmt: skip
+    gradients = []
+    for batch in (padded, packed):
+        llama.zero_grad()
+        loss = _summed_loss(llama, batch)
+        loss.backward()
+        gradients.append((loss.detach(), [p.grad.clone() for p in llama.parameters()]))
+    (padded_loss, padded_grads), (packed_loss, packed_grads) = gradients
+    torch.testing.assert_close(packed_loss, padded_loss, atol=1e-5, rtol=1e-5)
+    for packed_grad, padded_grad in zip(packed_grads, padded_grads, strict=True):
+        torch.testing.assert_close(packed_grad, padded_grad, atol=1e-5, rtol=1e-4)
+    assert padded_loss > 0 and any(g.abs().sum() > 0 for g in padded_grads)

@@ -1,0 +1,466 @@
+"""One command, Loom side by side with its peers: `python bench/suite.py` (bench/README.md).
+
+For each workload (a model built offline: *tiny*, start-up dominated; *small*, ~38M parameters, compute dominated on
+CPU) and case (sft LoRA, sft full, pt with packing) it runs, alternating A B C A B C so the machine's drift cancels:
+- **loom**: `loom train` (embedded Ray, or the cluster in RAY_ADDRESS), 2 workers x 1 CPU, global batch 8;
+- **loom_fast**: the same with Loom's fast recipe (FAST_RECIPE: neat packing), against the peer's defaults;
+- **plain**: a plain transformers `Trainer` in one process with 2 threads, the same tokens (bench/plain_trainer.py);
+- **llamafactory**: LLaMA-Factory 0.9.5 with its defaults, one process, 2 threads (bench/llamafactory_run.py), in a
+  virtual environment the bench creates (bench/.venv-llamafactory); skipped, with the reason, when it cannot.
+Same model, data, cutoff, global batch, learning rate, schedule and optimizer on every side.
+
+Figures per run: steady-state non-pad tokens/s, step time, seconds from the command to the first optimizer step,
+total wall time, peak memory of the driver (the launched process) and of each worker, the workload's padding
+fraction, checkpoint save time, data preparation rows/s, and MFU against the fp32 matmul peak this script measures
+on the same cores in the same run. Writes bench/results/suite-<stamp>.json, .md and .png. `--smoke` runs the tiny
+workload for a few steps, once, without the peer: the harness check that CI runs (no figure is asserted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "bench"
+sys.path.insert(0, str(REPO))
+SHARED_DATA = REPO.parent / "shared" / "data" / "llamafactory"
+DEMO_DATA = REPO / "orchestrator" / "demo" / "data"
+PEER_VENV = BENCH / ".venv-llamafactory"
+PEER_PIN = "llamafactory==0.9.5"
+THREADS = 2  # the cores every side gets: 2 Loom workers of 1 CPU, or one process of 2 threads
+SMALL = {"vocab_size": 4096, "hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 8,
+         "num_attention_heads": 8, "num_key_value_heads": 4, "warmup_steps": 0}  # ~38M parameters  # fmt: skip
+CASES = {
+    "sft_lora": {"stage": "sft", "finetuning_type": "lora", "packing": False, "learning_rate": 1e-4},
+    "sft_full": {"stage": "sft", "finetuning_type": "full", "packing": False, "learning_rate": 1e-5},
+    "pt_packing": {"stage": "pt", "finetuning_type": "lora", "packing": True, "learning_rate": 1e-4},
+}
+SIDES = ("loom", "loom_fast", "plain", "llamafactory")
+# Loom's fast recipe (docs/PERFORMANCE.md): what Loom can recommend without changing what is learned. Neat packing
+# drops the padding (a third to a half of the tokens at cutoff 512 here) and keeps each packed sequence's attention
+# to itself, so every sequence gets the logits it would get alone (tests/unit/test_packing.py); gradient
+# checkpointing stays off while memory allows. The "loom" side trains at the plain Trainer's settings instead.
+FAST_RECIPE = {"packing": True, "neat_packing": True}
+
+
+@dataclass(frozen=True)
+class Workload:
+    model: str  # tiny | small
+    case: str  # a key of CASES
+    steps: int
+    cutoff_len: int
+    global_batch: int = 8
+    workers: int = 2
+
+    def dataset(self) -> tuple[str, str]:
+        """(dataset name, dataset_dir): LLaMA-Factory's demo data where ../shared has it, else Loom's own."""
+        pt = CASES[self.case]["stage"] == "pt"
+        if (SHARED_DATA / "dataset_info.json").is_file():
+            return ("c4_demo" if pt else "alpaca_en_demo"), str(SHARED_DATA)
+        return ("loom_demo_pt" if pt else "loom_demo_sft"), str(DEMO_DATA)
+
+    def spec(self, model_dir: str, out: Path) -> dict:
+        """What every side trains: the baselines read it as JSON, Loom as its YAML config (loom_config)."""
+        dataset, dataset_dir = self.dataset()
+        case = CASES[self.case]
+        return {"model": model_dir, "dataset": dataset, "dataset_dir": dataset_dir, "template": "default",
+                "stage": case["stage"], "finetuning_type": case["finetuning_type"], "packing": case["packing"],
+                "cutoff_len": self.cutoff_len, "global_batch": self.global_batch, "steps": self.steps,
+                "learning_rate": case["learning_rate"], "lora_rank": 8, "optim": "adamw_torch", "seed": 42,
+                "threads": THREADS, "out": str(out / "out"), "probe": str(out / "probe.json")}  # fmt: skip
+
+
+def loom_config(spec: dict, workers: int, out: Path, fast: bool = False) -> dict:
+    config = {
+        "model_name_or_path": spec["model"], "stage": spec["stage"], "do_train": True,
+        "finetuning_type": spec["finetuning_type"], "dataset": spec["dataset"], "dataset_dir": spec["dataset_dir"],
+        "template": spec["template"], "cutoff_len": spec["cutoff_len"], "max_steps": spec["steps"],
+        "per_device_train_batch_size": spec["global_batch"] // workers, "gradient_accumulation_steps": 1,
+        "learning_rate": spec["learning_rate"], "lr_scheduler_type": "cosine", "optim": spec["optim"],
+        "seed": spec["seed"], "logging_steps": 1, "save_steps": spec["steps"], "disable_gradient_checkpointing": True,
+        "include_effective_tokens_per_second": True, "output_dir": spec["out"],
+        "ray_storage_path": str(out / "saves"), "ray_run_name": "bench", "ray_num_workers": workers,
+        "resources_per_worker": {"CPU": 1}, "overwrite_output_dir": True,
+    }  # fmt: skip
+    if spec["finetuning_type"] == "lora":
+        config.update(lora_rank=spec["lora_rank"], lora_target="all")
+    if spec["stage"] == "pt":
+        config["packing"] = spec["packing"]
+    if fast:
+        config.update(FAST_RECIPE if spec["stage"] == "sft" else {"packing": True})
+    return config
+
+
+# ---------------------------------------------------------------- measuring
+
+
+class PeakMemory:
+    """The launched process's peak resident set (VmHWM), polled from /proc while it runs."""
+
+    def __init__(self, pid: int):
+        self.pid, self.peak_mb, self._done = pid, 0.0, threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        while not self._done.wait(0.2):
+            try:
+                status = Path(f"/proc/{self.pid}/status").read_text()
+            except OSError:
+                return
+            found = re.search(r"VmHWM:\s+(\d+) kB", status)
+            if found:
+                self.peak_mb = max(self.peak_mb, int(found.group(1)) / 1024)
+
+    def stop(self) -> float:
+        self._done.set()
+        self._thread.join()
+        return round(self.peak_mb, 1)
+
+
+def run_process(command: list[str], env: dict, log: Path) -> tuple[float, float, float, int]:
+    """(epoch when launched, wall seconds, peak driver MB, return code); output to `log`."""
+    started = time.time()
+    with log.open("w") as handle:
+        process = subprocess.Popen(command, env=env, stdout=handle, stderr=subprocess.STDOUT, cwd=REPO)
+        memory = PeakMemory(process.pid)
+        code = process.wait()
+    return started, round(time.time() - started, 2), memory.stop(), code
+
+
+def steady(steps: list[tuple[float, int]]) -> dict:
+    """Throughput and step time after the warm-up (the first fifth of the steps, at least one step, left out)."""
+    skip = max(1, len(steps) // 5)
+    if len(steps) <= skip:
+        return {"tokens_per_s": None, "step_s": None}
+    (t0, n0), (t1, n1) = steps[skip - 1], steps[-1]
+    gaps = [b[0] - a[0] for a, b in zip(steps[skip - 1 :], steps[skip:], strict=False)]
+    return {"tokens_per_s": round((n1 - n0) / max(t1 - t0, 1e-9), 1), "step_s": round(statistics.median(gaps), 4)}
+
+
+def run_loom(spec: dict, workload: Workload, out: Path, fast: bool = False) -> dict:
+    config = out / "config.yaml"
+    config.write_text(yaml.safe_dump(loom_config(spec, workload.workers, out, fast)))
+    timings = out / "reports.jsonl"
+    env = {**os.environ, "RECORD_VRAM": "1", "LOOM_REPORT_TIMINGS": str(timings), "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "orchestrator.cli", "train", str(config)]
+    started, wall, driver_mb, code = run_process(command, env, out / "log.txt")
+    if code:
+        return {"error": f"exit {code}: {(out / 'log.txt').read_text()[-1500:]}"}
+    records = [json.loads(line) for line in (Path(spec["out"]) / "trainer_log.jsonl").read_text().splitlines()]
+    steps = [(r["time"], r["tokens_seen"]) for r in records if "tokens_seen" in r]
+    text = (out / "log.txt").read_text()
+    phases = dict(re.findall(r"(\w[\w ]*?) ([\d.]+) s", (re.search(r"^timing\s+(.*)$", text, re.M) or ["", ""])[1]))
+    data = re.search(r"^data\s+(\{.*\})$", text, re.M)
+    summary = json.loads(data.group(1)) if data else {}
+    rows = summary.get("train_examples")
+    packed = {"padding_fraction": round(1 - summary["block_fill"], 3)} if "block_fill" in summary else {}
+    reports = [json.loads(line) for line in timings.read_text().splitlines()] if timings.exists() else []
+    saves = [r["report_s"] for r in reports if r["checkpoint"] and r["rank"] == 0]
+    workers_gb = [r["memory_peak_gb"] for r in records if "memory_peak_gb" in r]
+    data_s = float(phases.get("data", 0)) or None
+    return {"wall_s": wall, "first_step_s": round(steps[0][0] - started, 2), **steady(steps),
+            "driver_peak_mb": driver_mb, "worker_peak_mb": [round(gb * 1024, 1) for gb in workers_gb[-1]] if workers_gb else None,
+            "checkpoint_s": saves[0] if saves else None, "data_rows_per_s": round(rows / data_s, 1) if rows and data_s else None,
+            "phases_s": {k.strip(): float(v) for k, v in phases.items()}, **packed}  # fmt: skip
+
+
+def run_baseline(side: str, spec: dict, out: Path, python: str) -> dict:
+    script = BENCH / ("plain_trainer.py" if side == "plain" else "llamafactory_run.py")
+    (out / "spec.json").write_text(json.dumps(spec))
+    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "HF_HUB_OFFLINE": "1", "DISABLE_VERSION_CHECK": "1",
+           "HF_DATASETS_CACHE": str(out / "datasets-cache"), "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
+    env.pop("RAY_ADDRESS", None)
+    started, wall, peak_mb, code = run_process([python, str(script), str(out / "spec.json")], env, out / "log.txt")
+    if code or not Path(spec["probe"]).is_file():
+        return {"error": f"exit {code}: {(out / 'log.txt').read_text()[-1500:]}"}
+    probe = json.loads(Path(spec["probe"]).read_text())
+    steps = [tuple(s) for s in probe["steps"]]
+    data_s, rows = probe.get("data_s"), probe.get("rows")
+    return {"wall_s": wall, "first_step_s": round(steps[0][0] - started, 2), **steady(steps),
+            "driver_peak_mb": peak_mb, "worker_peak_mb": None, "checkpoint_s": (probe["saves"] or [None])[0],
+            "data_rows_per_s": round(rows / data_s, 1) if rows and data_s else None,
+            **{k: probe[k] for k in ("parameters", "trainable", "padding_fraction") if k in probe}}  # fmt: skip
+
+
+def ray_floor() -> dict:
+    """Ray's own start-up on this machine (bench/ray_floor.py), measured in a process of its own."""
+    done = subprocess.run([sys.executable, str(BENCH / "ray_floor.py")], capture_output=True, text=True, cwd=REPO)
+    lines = done.stdout.strip().splitlines()
+    return json.loads(lines[-1]) if done.returncode == 0 and lines else {"error": done.stderr[-500:]}
+
+
+def matmul_peak_gflops(threads: int = THREADS, size: int = 1024, repeats: int = 20) -> float:
+    """fp32 matmul FLOP/s on this machine's cores, the MFU denominator (the best of three timed rounds)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    best = float("inf")
+    for _ in range(4):  # the first round warms up
+        started = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        best = min(best, time.perf_counter() - started)
+    torch.set_num_threads(before)
+    return round(2 * size**3 * repeats / best / 1e9, 1)
+
+
+def flops_per_token(parameters: int, trainable: int) -> float:
+    """Model FLOPs per trained token: 2N forward, 2N backward through the activations, and 2 per trainable weight
+    for its gradient (6N for full fine-tuning, about 4N for LoRA). Attention's score FLOPs are left out."""
+    return 4 * parameters + 2 * trainable
+
+
+# ---------------------------------------------------------------- the peer's environment
+
+
+def peer_python(install: bool) -> tuple[str | None, str | None]:
+    """(python of LLaMA-Factory's venv, None) or (None, why it is skipped). Creates the venv when `install`."""
+    python = PEER_VENV / "bin" / "python"
+    check = [str(python), "-c", "import llamafactory, sys; sys.exit(llamafactory.__version__ != '0.9.5')"]
+    if python.exists() and subprocess.run(check, capture_output=True).returncode == 0:
+        return str(python), None
+    if not install:
+        return None, f"{PEER_VENV} has no {PEER_PIN} (run without --no-install to create it)"
+    steps = [[sys.executable, "-m", "venv", str(PEER_VENV)],
+             [str(python), "-m", "pip", "install", "-q", "torch==2.13.0"],  # torch first and pinned (STACK.md)
+             [str(python), "-m", "pip", "install", "-q", "-c", str(BENCH / "peer-constraints.txt"), PEER_PIN],
+             [str(python), "-m", "pip", "uninstall", "-y", "-q", "torchvision", "torchaudio"]]  # fmt: skip
+    for step in steps:
+        done = subprocess.run(step, capture_output=True, text=True)
+        if done.returncode and "uninstall" not in step:
+            return None, f"installing {PEER_PIN} failed: {' '.join(step[2:])}: {done.stderr.strip()[-300:]}"
+    _placeholder_torchaudio(python)
+    return (str(python), None) if subprocess.run(check).returncode == 0 else (None, f"{PEER_PIN} does not import")
+
+
+def _placeholder_torchaudio(python: Path) -> None:
+    """LLaMA-Factory 0.9.5 imports torchaudio at the top of its multimodal plugin, and no torchaudio build loads
+    beside CPU torch 2.13.0 (PyPI's stop at 2.11 and fail on `_torchaudio.so`). The text workloads never call it,
+    so the peer's venv gets a module that imports and refuses any use."""
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    package = Path(site) / "torchaudio"
+    package.mkdir(exist_ok=True)
+    (package / "__init__.py").write_text(
+        '"""Placeholder written by Loom\'s bench: no torchaudio loads beside CPU torch 2.13.0; audio is unused."""\n\n\n'
+        "def __getattr__(name):\n"
+        '    raise ImportError(f"torchaudio.{name}: this benchmark environment has no torchaudio")\n'
+    )
+
+
+# ---------------------------------------------------------------- the run
+
+
+def build_model(name: str, into: Path) -> str:
+    from orchestrator.tiny import TinySpec, build_tiny_model
+
+    return build_tiny_model(str(into / name), TinySpec(**SMALL) if name == "small" else TinySpec())
+
+
+def run_suite(workloads: list[Workload], sides: list[str], repeats: int, work: Path, peer: str | None,
+              partial: Path, peak: float) -> list[dict]:  # fmt: skip
+    """Every run's figures; each also appended to `partial` (JSON lines) as it ends, so an interrupted suite
+    keeps what it measured."""
+    models = {name: build_model(name, work / "models") for name in sorted({w.model for w in workloads})}
+    runs = []
+    for workload in workloads:
+        for repeat in range(repeats):
+            for side in sides:  # A B C A B C: each side's runs spread over the same stretch of time
+                out = work / f"{workload.model}-{workload.case}-{side}-{repeat}"
+                out.mkdir(parents=True)
+                spec = workload.spec(models[workload.model], out)
+                if side.startswith("loom"):
+                    figures = run_loom(spec, workload, out, fast=side == "loom_fast")
+                else:
+                    figures = run_baseline(side, spec, out, sys.executable if side == "plain" else peer)
+                runs.append({**asdict(workload), "side": side, "repeat": repeat, "peak_gflops": peak, **figures})
+                with partial.open("a") as handle:
+                    handle.write(json.dumps(runs[-1]) + "\n")
+                print(f"{workload.model:<6} {workload.case:<11} {side:<13} #{repeat} {json.dumps(figures)}", flush=True)
+    return runs
+
+
+FIGURES = ("tokens_per_s", "step_s", "first_step_s", "wall_s", "driver_peak_mb", "worker_peak_mb", "checkpoint_s",
+           "data_rows_per_s")  # fmt: skip
+
+
+def summarize(runs: list[dict], peak_gflops: float) -> list[dict]:
+    """Per workload, case and side: the median of each figure over the repeats, MFU, and ratios to plain."""
+    rows = []
+    keys = sorted({(r["model"], r["case"]) for r in runs}, key=lambda k: (k[0] != "tiny", k[1]))
+    for model, case in keys:
+        group = [r for r in runs if (r["model"], r["case"]) == (model, case) and "error" not in r]
+        plain = [r for r in group if r["side"] == "plain"]
+        shape = plain[0] if plain else {}
+        for side in SIDES:
+            mine = [r for r in group if r["side"] == side]
+            if not mine:
+                continue
+            row = {"model": model, "case": case, "side": side, "runs": len(mine)}
+            for figure in FIGURES:
+                values = [r[figure] for r in mine if r.get(figure) is not None]
+                if values and isinstance(values[0], list):  # per worker: the median per rank
+                    row[figure] = [round(statistics.median(v), 1) for v in zip(*values, strict=False)]
+                else:
+                    row[figure] = round(statistics.median(values), 4) if values else None
+            packed = [r["padding_fraction"] for r in mine if "padding_fraction" in r]  # its own packed blocks
+            row["padding_fraction"] = packed[0] if packed else shape.get("padding_fraction")
+            if shape.get("parameters") and row["tokens_per_s"]:
+                flops = flops_per_token(shape["parameters"], shape["trainable"]) * row["tokens_per_s"]
+                row["mfu"] = round(flops / (peak_gflops * 1e9), 3)
+            rows.append(row)
+        mine = {row["side"]: row for row in rows if (row["model"], row["case"]) == (model, case)}
+        base, peer = mine.get("plain"), mine.get("llamafactory")
+        for row in mine.values():
+            if base:
+                row["x_plain_tokens_per_s"] = _ratio(row["tokens_per_s"], base["tokens_per_s"])
+                row["x_plain_wall"] = _ratio(row["wall_s"], base["wall_s"])
+                row["x_plain_first_step"] = _ratio(row["first_step_s"], base["first_step_s"])
+            if peer:
+                row["x_peer_tokens_per_s"] = _ratio(row["tokens_per_s"], peer["tokens_per_s"])
+    return rows
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 2) if a and b else None
+
+
+def markdown(report: dict) -> str:
+    head = ("| model | case | side | non-pad tok/s | x plain | x LLaMA-Factory | step s | first step s | x plain | wall s | x plain | "
+            "driver MB | worker MB | ckpt s | data rows/s | pad | MFU |")  # fmt: skip
+    lines = [f"Loom bench suite, {report['date']}, {report['machine']}, fp32 matmul peak {report['peak_gflops']} "
+             f"GFLOP/s on {THREADS} threads. Command: `{report['command']}`", "", _floor_line(report["ray_floor"]),
+             "", head,
+             "|" + "---|" * (head.count("|") - 1)]  # fmt: skip
+    for r in report["summary"]:
+        cells = [r["model"], r["case"], r["side"], r["tokens_per_s"], r.get("x_plain_tokens_per_s"),
+                 r.get("x_peer_tokens_per_s"), r["step_s"],
+                 r["first_step_s"], r.get("x_plain_first_step"), r["wall_s"], r.get("x_plain_wall"),
+                 r["driver_peak_mb"], r["worker_peak_mb"], r["checkpoint_s"], r["data_rows_per_s"],
+                 r["padding_fraction"], r.get("mfu")]  # fmt: skip
+        lines.append("| " + " | ".join("-" if c is None else (", ".join(map(str, c)) if isinstance(c, list) else str(c)) for c in cells) + " |")  # fmt: skip
+    for side, why in report["skipped"].items():
+        lines.append(f"\n{side} skipped: {why}")
+    for run in report["runs"]:
+        if "error" in run:
+            lines.append(f"\n{run['model']} {run['case']} {run['side']} #{run['repeat']} failed: {run['error'][:300]}")
+    return "\n".join(lines) + "\n"
+
+
+def _floor_line(floor: dict) -> str:
+    if "empty_fit_s" not in floor:
+        return f"Ray's floor: not measured {floor.get('error', '')[-200:]}".strip()
+    return (
+        f"Ray's floor: import {floor['import_s']} s, start {floor['ray_init_s']} s, `fit()` of an empty "
+        f"2-worker TorchTrainer {floor['empty_fit_s']} s."
+    )
+
+
+def chart(summary: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    groups = sorted({(r["model"], r["case"]) for r in summary}, key=lambda k: (k[0] != "tiny", k[1]))
+    figure = Figure(figsize=(4 + 3 * len(groups), 7))
+    # Ratios to the plain Trainer of the same workload, so that workloads of any size share one axis.
+    panels = (("x_plain_tokens_per_s", "steady non-pad tokens/s, x plain Trainer (higher is better)"),
+              ("x_plain_wall", "wall time, x plain Trainer (lower is better)"))  # fmt: skip
+    for index, (key, title) in enumerate(panels):
+        axes = figure.add_subplot(2, 1, index + 1)
+        for offset, side in enumerate(SIDES):
+            values = [next((r.get(key) or 0 for r in summary if (r["model"], r["case"], r["side"]) == (*g, side)), 0)
+                      for g in groups]  # fmt: skip
+            axes.bar([i + 0.2 * (offset - 1.5) for i in range(len(groups))], values, width=0.2, label=side)
+        axes.axhline(1.0, color="grey", linewidth=0.8)
+        axes.set_xticks(range(len(groups)), [f"{m} {c}" for m, c in groups])
+        axes.set_title(title)
+        axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())  # fmt: skip
+    return f"{os.cpu_count()} cores {cpu}, {platform.system()}"
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", default="tiny,small", help="tiny, small (comma list)")
+    parser.add_argument("--cases", default="sft_lora,sft_full,pt_packing", help=", ".join(CASES))
+    parser.add_argument("--sides", default=",".join(SIDES), help=", ".join(SIDES))
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--cutoff-len", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=2, help="runs per side, alternated")
+    parser.add_argument("--out", default=str(BENCH / "results"))
+    parser.add_argument("--no-install", action="store_true", help="skip LLaMA-Factory unless its venv exists")
+    parser.add_argument("--report", help="write the table and chart from a suite-*.runs.jsonl file, run nothing")
+    parser.add_argument("--smoke", action="store_true", help="tiny sft_lora, 4 steps, once, loom and plain only")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.models, args.cases, args.sides, args.steps, args.repeats = "tiny", "sft_lora", "loom,plain", 4, 1
+    return args
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = parse(argv)
+    if args.report:  # the table and chart again, from the runs file of a finished or interrupted suite
+        runs = [json.loads(line) for line in Path(args.report).read_text().splitlines() if line.strip()]
+        stem = Path(args.report.removesuffix(".runs.jsonl"))
+        old = json.loads(stem.with_suffix(".json").read_text()) if stem.with_suffix(".json").is_file() else {}
+        command = old.get("command", "").removeprefix("python bench/suite.py ").split() or argv
+        return write_report(stem, runs, runs[0]["peak_gflops"], old.get("skipped", {}), command, old.get("ray_floor"))
+    sides = [s for s in args.sides.split(",") if s]
+    skipped: dict[str, str] = {}
+    peer = None
+    if "llamafactory" in sides:
+        peer, why = peer_python(install=not args.no_install)
+        if why:
+            skipped["llamafactory"], sides = why, [s for s in sides if s != "llamafactory"]
+    workloads = [Workload(m, c, args.steps, args.cutoff_len) for m in args.models.split(",") for c in args.cases.split(",")]  # fmt: skip
+    peak = matmul_peak_gflops()
+    floor = ray_floor() if any(side.startswith("loom") for side in sides) else {}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"suite-{time.strftime('%Y%m%d-%H%M%S')}"
+    with tempfile.TemporaryDirectory(prefix="loom-bench-suite-") as work:
+        runs = run_suite(workloads, sides, args.repeats, Path(work), peer, stem.with_suffix(".runs.jsonl"), peak)
+    return write_report(stem, runs, peak, skipped, argv, floor)
+
+
+def write_report(stem: Path, runs: list[dict], peak: float, skipped: dict[str, str], argv: list[str] | None,
+                 floor: dict | None = None) -> Path:  # fmt: skip
+    report = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(), "peak_gflops": peak,
+              "ray_floor": floor or {},
+              "command": "python bench/suite.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "skipped": skipped, "summary": summarize(runs, peak), "runs": runs}  # fmt: skip
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    stem.with_suffix(".md").write_text(markdown(report))
+    chart(report["summary"], stem.with_suffix(".png"))
+    print(markdown(report))
+    print(f"written: {stem}.json, .md, .png")
+    return stem
+
+
+if __name__ == "__main__":
+    main()
