@@ -25,7 +25,7 @@ def arguments(spec: dict) -> dict:
         "per_device_train_batch_size": spec["global_batch"], "gradient_accumulation_steps": 1,
         "learning_rate": spec["learning_rate"], "max_steps": spec["steps"], "lr_scheduler_type": "cosine",
         "optim": spec["optim"], "report_to": "none", "include_num_input_tokens_seen": "non_padding",
-        "seed": spec["seed"], "use_cpu": True, "disable_tqdm": True, "plot_loss": False,
+        "seed": spec["seed"], "use_cpu": spec["device"] == "cpu", "bf16": spec["bf16"], "disable_tqdm": True, "plot_loss": False,
     }  # fmt: skip
     if spec["finetuning_type"] == "lora":
         args.update(lora_rank=spec["lora_rank"], lora_target="all")

@@ -74,7 +74,11 @@ def main(spec_path: str) -> None:
     torch.set_num_threads(spec["threads"])
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
     rows, data_s = tokenized_rows(spec, tokenizer)
-    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        spec["model"], dtype=torch.float32, attn_implementation=spec["attn_implementation"]
+    )
+    if spec["device"] == "cuda":
+        model = model.to("cuda")
     if spec["finetuning_type"] == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -89,7 +93,7 @@ def main(spec_path: str) -> None:
     args = TrainingArguments(
         output_dir=spec["out"], per_device_train_batch_size=spec["global_batch"], max_steps=spec["steps"],
         learning_rate=spec["learning_rate"], lr_scheduler_type="cosine", optim=spec["optim"], logging_steps=1,
-        save_strategy="steps", save_steps=spec["steps"], save_only_model=False, report_to=[], use_cpu=True,
+        save_strategy="steps", save_steps=spec["steps"], save_only_model=False, report_to=[], use_cpu=spec["device"] == "cpu", bf16=spec["bf16"],
         dataloader_num_workers=0, disable_tqdm=True, include_num_input_tokens_seen="non_padding", seed=spec["seed"],
         gradient_checkpointing=False,
     )  # fmt: skip

@@ -31,5 +31,9 @@ class Probe(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self.record["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        import torch
+
+        if torch.cuda.is_available():  # the device's peak, as Loom's workers report theirs (RECORD_VRAM)
+            self.record["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         with open(self.path, "w", encoding="utf-8") as handle:
             json.dump(self.record, handle)

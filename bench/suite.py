@@ -19,10 +19,12 @@ workload for a few steps, once, without the peer: the harness check that CI runs
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -43,7 +45,11 @@ PEER_VENV = BENCH / ".venv-llamafactory"
 PEER_PIN = "llamafactory==0.9.5"
 THREADS = 2  # the cores every side gets: 2 Loom workers of 1 CPU, or one process of 2 threads
 SMALL = {"vocab_size": 4096, "hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 8,
-         "num_attention_heads": 8, "num_key_value_heads": 4, "warmup_steps": 0}  # ~38M parameters  # fmt: skip
+         "num_attention_heads": 8, "num_key_value_heads": 4, "warmup_steps": 0}  # ~25M parameters  # fmt: skip
+# The GPU workload (bench/gpu.sh): a Qwen2.5-0.5B-sized Llama, about 0.5B parameters with the 4096-token vocabulary.
+MEDIUM = {"vocab_size": 4096, "hidden_size": 1536, "intermediate_size": 4096, "num_hidden_layers": 20,
+          "num_attention_heads": 12, "num_key_value_heads": 4, "warmup_steps": 0}  # fmt: skip
+MODELS = {"tiny": {}, "small": SMALL, "medium": MEDIUM}
 CASES = {
     "sft_lora": {"stage": "sft", "finetuning_type": "lora", "packing": False, "learning_rate": 1e-4},
     "sft_full": {"stage": "sft", "finetuning_type": "full", "packing": False, "learning_rate": 1e-5},
@@ -65,6 +71,7 @@ class Workload:
     cutoff_len: int
     global_batch: int = 8
     workers: int = 2
+    device: str = "cpu"  # cpu | cuda (bench/gpu.sh: one CUDA device, bf16)
 
     def dataset(self) -> tuple[str, str]:
         """(dataset name, dataset_dir): LLaMA-Factory's demo data where ../shared has it, else Loom's own."""
@@ -81,7 +88,17 @@ class Workload:
                 "stage": case["stage"], "finetuning_type": case["finetuning_type"], "packing": case["packing"],
                 "cutoff_len": self.cutoff_len, "global_batch": self.global_batch, "steps": self.steps,
                 "learning_rate": case["learning_rate"], "lora_rank": 8, "optim": "adamw_torch", "seed": 42,
-                "threads": THREADS, "out": str(out / "out"), "probe": str(out / "probe.json")}  # fmt: skip
+                "threads": THREADS, "out": str(out / "out"), "probe": str(out / "probe.json"),
+                "device": self.device, "bf16": self.device == "cuda",
+                "attn_implementation": "flash_attention_2" if self._fa2() else "sdpa"}  # fmt: skip
+
+    def _fa2(self) -> bool:
+        return self.device == "cuda" and attention() == "fa2"
+
+
+def attention() -> str:
+    """flash_attn for a CUDA run: FlashAttention-2 where the package is installed, else PyTorch's sdpa."""
+    return "fa2" if importlib.util.find_spec("flash_attn") is not None else "sdpa"
 
 
 def loom_config(spec: dict, workers: int, out: Path, fast: bool = False) -> dict:
@@ -96,6 +113,10 @@ def loom_config(spec: dict, workers: int, out: Path, fast: bool = False) -> dict
         "ray_storage_path": str(out / "saves"), "ray_run_name": "bench", "ray_num_workers": workers,
         "resources_per_worker": {"CPU": 1}, "overwrite_output_dir": True,
     }  # fmt: skip
+    if spec["device"] == "cuda":  # one worker on the one GPU, bf16, the fastest attention installed
+        config.update(resources_per_worker={"GPU": 1}, bf16=True, flash_attn=attention())
+        if fast and importlib.util.find_spec("liger_kernel") is not None:
+            config["enable_liger_kernel"] = True
     if spec["finetuning_type"] == "lora":
         config.update(lora_rank=spec["lora_rank"], lora_target="all")
     if spec["stage"] == "pt":
@@ -192,7 +213,8 @@ def run_baseline(side: str, spec: dict, out: Path, python: str) -> dict:
     steps = [tuple(s) for s in probe["steps"]]
     data_s, rows = probe.get("data_s"), probe.get("rows")
     return {"wall_s": wall, "first_step_s": round(steps[0][0] - started, 2), **steady(steps),
-            "driver_peak_mb": peak_mb, "worker_peak_mb": None, "checkpoint_s": (probe["saves"] or [None])[0],
+            "driver_peak_mb": peak_mb, "worker_peak_mb": [probe["peak_gpu_mb"]] if "peak_gpu_mb" in probe else None,
+            "checkpoint_s": (probe["saves"] or [None])[0],
             "data_rows_per_s": round(rows / data_s, 1) if rows and data_s else None,
             **{k: probe[k] for k in ("parameters", "trainable", "padding_fraction") if k in probe}}  # fmt: skip
 
@@ -204,18 +226,23 @@ def ray_floor() -> dict:
     return json.loads(lines[-1]) if done.returncode == 0 and lines else {"error": done.stderr[-500:]}
 
 
-def matmul_peak_gflops(threads: int = THREADS, size: int = 1024, repeats: int = 20) -> float:
-    """fp32 matmul FLOP/s on this machine's cores, the MFU denominator (the best of three timed rounds)."""
+def matmul_peak_gflops(device: str = "cpu", threads: int = THREADS, repeats: int = 20) -> float:
+    """Matmul FLOP/s of the device the runs train on, the MFU denominator (the best of three timed rounds): fp32 on
+    `threads` CPU cores, bf16 on a CUDA device (what each trains in)."""
     import torch
 
+    cuda = device == "cuda"
+    size, dtype = (8192, torch.bfloat16) if cuda else (1024, torch.float32)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    a, b = torch.randn(size, size, dtype=dtype, device=device), torch.randn(size, size, dtype=dtype, device=device)
     best = float("inf")
     for _ in range(4):  # the first round warms up
         started = time.perf_counter()
         for _ in range(repeats):
             a @ b
+        if cuda:
+            torch.cuda.synchronize()
         best = min(best, time.perf_counter() - started)
     torch.set_num_threads(before)
     return round(2 * size**3 * repeats / best / 1e9, 1)
@@ -271,7 +298,7 @@ def _placeholder_torchaudio(python: Path) -> None:
 def build_model(name: str, into: Path) -> str:
     from orchestrator.tiny import TinySpec, build_tiny_model
 
-    return build_tiny_model(str(into / name), TinySpec(**SMALL) if name == "small" else TinySpec())
+    return build_tiny_model(str(into / name), TinySpec(**MODELS[name]))
 
 
 def run_suite(workloads: list[Workload], sides: list[str], repeats: int, work: Path, peer: str | None,
@@ -345,7 +372,8 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 def markdown(report: dict) -> str:
     head = ("| model | case | side | non-pad tok/s | x plain | x LLaMA-Factory | step s | first step s | x plain | wall s | x plain | "
             "driver MB | worker MB | ckpt s | data rows/s | pad | MFU |")  # fmt: skip
-    lines = [f"Loom bench suite, {report['date']}, {report['machine']}, fp32 matmul peak {report['peak_gflops']} "
+    where = "bf16 matmul peak of the CUDA device" if report.get("device") == "cuda" else "fp32 matmul peak"
+    lines = [f"Loom bench suite, {report['date']}, {report['machine']}, {where} {report['peak_gflops']} "
              f"GFLOP/s on {THREADS} threads. Command: `{report['command']}`", "", _floor_line(report["ray_floor"]),
              "", head,
              "|" + "---|" * (head.count("|") - 1)]  # fmt: skip
@@ -401,12 +429,20 @@ def chart(summary: list[dict], path: Path) -> None:
 def machine() -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())  # fmt: skip
-    return f"{os.cpu_count()} cores {cpu}, {platform.system()}"
+    gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                         text=True).stdout.strip().splitlines() if shutil.which("nvidia-smi") else []  # fmt: skip
+    return f"{os.cpu_count()} cores {cpu}, {platform.system()}" + (f", {gpu[0]}" if gpu else "")
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", default="tiny,small", help="tiny, small (comma list)")
+    parser.add_argument("--models", default="tiny,small", help="tiny, small, medium (~0.5B, for --device cuda)")
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="cuda: one CUDA device, bf16, one Loom worker (bench/gpu.sh)",
+    )
     parser.add_argument("--cases", default="sft_lora,sft_full,pt_packing", help=", ".join(CASES))
     parser.add_argument("--sides", default=",".join(SIDES), help=", ".join(SIDES))
     parser.add_argument("--steps", type=int, default=40)
@@ -437,8 +473,10 @@ def main(argv: list[str] | None = None) -> Path:
         peer, why = peer_python(install=not args.no_install)
         if why:
             skipped["llamafactory"], sides = why, [s for s in sides if s != "llamafactory"]
-    workloads = [Workload(m, c, args.steps, args.cutoff_len) for m in args.models.split(",") for c in args.cases.split(",")]  # fmt: skip
-    peak = matmul_peak_gflops()
+    workers = 1 if args.device == "cuda" else 2
+    workloads = [Workload(m, c, args.steps, args.cutoff_len, workers=workers, device=args.device)
+                 for m in args.models.split(",") for c in args.cases.split(",")]  # fmt: skip
+    peak = matmul_peak_gflops(args.device)
     floor = ray_floor() if any(side.startswith("loom") for side in sides) else {}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -451,7 +489,7 @@ def main(argv: list[str] | None = None) -> Path:
 def write_report(stem: Path, runs: list[dict], peak: float, skipped: dict[str, str], argv: list[str] | None,
                  floor: dict | None = None) -> Path:  # fmt: skip
     report = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(), "peak_gflops": peak,
-              "ray_floor": floor or {},
+              "ray_floor": floor or {}, "device": runs[0].get("device", "cpu") if runs else "cpu",
               "command": "python bench/suite.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "skipped": skipped, "summary": summarize(runs, peak), "runs": runs}  # fmt: skip
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2))

@@ -1,0 +1,43 @@
+"""The bench suite's pure parts: what each side is told to train, on CPU and on a CUDA device (bench/gpu.sh), and the
+figures it derives from the steps it logged. No run: tests/ray/test_bench_suite.py runs the smoke suite."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+import suite  # noqa: E402
+
+
+def test_every_side_trains_the_same_batch_schedule_and_optimizer(tmp_path):
+    spec = suite.Workload("small", "sft_lora", steps=20, cutoff_len=512).spec("/models/small", tmp_path)
+    loom = suite.loom_config(spec, workers=2, out=tmp_path)
+    assert loom["per_device_train_batch_size"] * loom["ray_num_workers"] == spec["global_batch"] == 8
+    assert (loom["learning_rate"], loom["optim"], loom["lr_scheduler_type"]) == (1e-4, "adamw_torch", "cosine")
+    assert loom["lora_target"] == "all" and "packing" not in loom and loom["resources_per_worker"] == {"CPU": 1}
+    fast = suite.loom_config(spec, workers=2, out=tmp_path, fast=True)
+    assert {k: v for k, v in fast.items() if loom.get(k) != v} == {"packing": True, "neat_packing": True}
+
+
+def test_a_cuda_workload_puts_one_bf16_worker_on_the_gpu(tmp_path):
+    spec = suite.Workload("medium", "sft_lora", 20, 1024, workers=1, device="cuda").spec("/models/medium", tmp_path)
+    assert spec["bf16"] and spec["device"] == "cuda"
+    loom = suite.loom_config(spec, workers=1, out=tmp_path)
+    assert loom["resources_per_worker"] == {"GPU": 1} and loom["bf16"] and loom["per_device_train_batch_size"] == 8
+    assert loom["flash_attn"] == ("fa2" if spec["attn_implementation"] == "flash_attention_2" else "sdpa")
+
+
+def test_steady_figures_leave_the_warm_up_out():
+    """(end time, tokens so far) per step. The first step's own time is never in the list; of ten steps the first
+    two (a fifth) are left out, so a slow second step does not count either."""
+    steps = [(5.0, 100), (8.0, 200)] + [(8.0 + i, 200 + 100 * i) for i in range(1, 9)]
+    assert suite.steady(steps) == {"tokens_per_s": 100.0, "step_s": 1.0}
+    assert suite.steady(steps[:1]) == {"tokens_per_s": None, "step_s": None}
+
+
+@pytest.mark.parametrize(("trainable", "per_token"), [(1_000_000, 6_000_000), (10_000, 4_020_000)])
+def test_model_flops_per_token_count_weight_gradients_only_for_trainable_weights(trainable, per_token):
+    assert suite.flops_per_token(1_000_000, trainable) == per_token
