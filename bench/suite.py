@@ -31,7 +31,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import yaml
@@ -55,7 +55,9 @@ CASES = {
     "sft_full": {"stage": "sft", "finetuning_type": "full", "packing": False, "learning_rate": 1e-5},
     "pt_packing": {"stage": "pt", "finetuning_type": "lora", "packing": True, "learning_rate": 1e-4},
 }
-SIDES = ("loom", "loom_fast", "plain", "llamafactory")
+SIDES = ("loom", "loom_fast", "loom_1w", "plain", "llamafactory")
+# loom_1w (not run by default: --sides or --scaling): Loom with one worker of 1 CPU on the same global batch, the
+# other end of the 1 -> 2 workers scaling figure.
 # Loom's fast recipe (docs/PERFORMANCE.md): what Loom can recommend without changing what is learned. Neat packing
 # drops the padding (a third to a half of the tokens at cutoff 512 here) and keeps each packed sequence's attention
 # to itself, so every sequence gets the logits it would get alone (tests/unit/test_packing.py); gradient
@@ -314,7 +316,8 @@ def run_suite(workloads: list[Workload], sides: list[str], repeats: int, work: P
                 out.mkdir(parents=True)
                 spec = workload.spec(models[workload.model], out)
                 if side.startswith("loom"):
-                    figures = run_loom(spec, workload, out, fast=side == "loom_fast")
+                    one = replace(workload, workers=1) if side == "loom_1w" else workload
+                    figures = run_loom(spec, one, out, fast=side == "loom_fast")
                 else:
                     figures = run_baseline(side, spec, out, sys.executable if side == "plain" else peer)
                 runs.append({**asdict(workload), "side": side, "repeat": repeat, "peak_gflops": peak, **figures})
@@ -417,7 +420,9 @@ def chart(summary: list[dict], path: Path) -> None:
         for offset, side in enumerate(SIDES):
             values = [next((r.get(key) or 0 for r in summary if (r["model"], r["case"], r["side"]) == (*g, side)), 0)
                       for g in groups]  # fmt: skip
-            axes.bar([i + 0.2 * (offset - 1.5) for i in range(len(groups))], values, width=0.2, label=side)
+            width = 0.8 / len(SIDES)
+            places = [i + width * (offset - (len(SIDES) - 1) / 2) for i in range(len(groups))]
+            axes.bar(places, values, width=width, label=side)
         axes.axhline(1.0, color="grey", linewidth=0.8)
         axes.set_xticks(range(len(groups)), [f"{m} {c}" for m, c in groups])
         axes.set_title(title)
@@ -444,7 +449,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="cuda: one CUDA device, bf16, one Loom worker (bench/gpu.sh)",
     )
     parser.add_argument("--cases", default="sft_lora,sft_full,pt_packing", help=", ".join(CASES))
-    parser.add_argument("--sides", default=",".join(SIDES), help=", ".join(SIDES))
+    parser.add_argument("--sides", default="loom,loom_fast,plain,llamafactory", help=", ".join(SIDES))
+    parser.add_argument("--scaling", action="store_true", help="also loom_1w: Loom on 1 worker (1 -> 2 workers)")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--cutoff-len", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=2, help="runs per side, alternated")
@@ -466,7 +472,7 @@ def main(argv: list[str] | None = None) -> Path:
         old = json.loads(stem.with_suffix(".json").read_text()) if stem.with_suffix(".json").is_file() else {}
         command = old.get("command", "").removeprefix("python bench/suite.py ").split() or argv
         return write_report(stem, runs, runs[0]["peak_gflops"], old.get("skipped", {}), command, old.get("ray_floor"))
-    sides = [s for s in args.sides.split(",") if s]
+    sides = [s for s in args.sides.split(",") if s] + (["loom_1w"] if args.scaling else [])
     skipped: dict[str, str] = {}
     peer = None
     if "llamafactory" in sides:

@@ -41,3 +41,10 @@ def test_steady_figures_leave_the_warm_up_out():
 @pytest.mark.parametrize(("trainable", "per_token"), [(1_000_000, 6_000_000), (10_000, 4_020_000)])
 def test_model_flops_per_token_count_weight_gradients_only_for_trainable_weights(trainable, per_token):
     assert suite.flops_per_token(1_000_000, trainable) == per_token
+
+
+def test_the_scaling_side_trains_the_same_global_batch_on_one_worker(tmp_path):
+    spec = suite.Workload("small", "sft_lora", steps=20, cutoff_len=512).spec("/models/small", tmp_path)
+    one = suite.loom_config(spec, workers=1, out=tmp_path)
+    assert (one["ray_num_workers"], one["per_device_train_batch_size"]) == (1, 8)
+    assert "loom_1w" not in suite.parse([]).sides.split(",") and "loom_1w" in suite.SIDES
