@@ -1,6 +1,7 @@
 """Ray Data pipelines: read -> convert -> tokenize -> mix -> shuffle -> split, in Ray tasks.
 
-The driver only holds references. Each tokenizing task also emits one bookkeeping row (length -1) with its
+The driver only holds references (small local datasets excepted: orchestrator/data/local.py prepares them in the
+driver's process with the same functions, and `prepare_data` chooses). Each tokenizing task also emits one bookkeeping row (length -1) with its
 counts (rows read, dropped by reason, truncated); the summary adds those up, so the numbers are exact even when
 Ray retries a task, and cost nothing extra to collect.
 """

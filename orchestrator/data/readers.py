@@ -1,4 +1,5 @@
-"""Reading a dataset into Ray Data rows, in Ray tasks (never on the driver).
+"""Reading a dataset into Ray Data rows, in Ray tasks (the driver reads only small local datasets, with these
+same readers: orchestrator/data/local.py).
 
 Each file (JSON lines and text: each BYTES_PER_PART of a file, cut at line ends) is read by one task, which yields
 Arrow tables of at most CHUNK_ROWS rows; Ray fuses the tokenizing step into the same tasks, so a big file is
