@@ -85,6 +85,7 @@ def tokenize_local(spec: DatasetSpec, job: Any, cfg: Any) -> pa.Table | None:
     None where Ray Data's batches could differ from these (a batch-dependent processor over a dataset read as
     more than one block: how Ray bundles blocks into batches is its own), so the caller uses Ray Data."""
     from .pipeline import tokenize_batch
+    from .tokenizer import data_snapshot
 
     parts = read_parts(spec)
     if batch_dependent(job) and (len(parts) > 1 or any(part.num_rows > CHUNK_ROWS for part in parts)):
@@ -96,7 +97,7 @@ def tokenize_local(spec: DatasetSpec, job: Any, cfg: Any) -> pa.Table | None:
             part, remaining = part.slice(0, remaining), max(remaining - part.num_rows, 0)
         for start in range(0, part.num_rows, cfg.preprocessing_batch_size):
             batch = part.slice(start, cfg.preprocessing_batch_size)
-            tables.append(tokenize_batch(batch, spec=spec, job=job))
+            tables.append(tokenize_batch(batch, spec=spec, job=job, fast=data_snapshot(job.tokenizer)))
     return pa.concat_tables(tables) if tables else job.schema().empty_table()
 
 

@@ -2,7 +2,7 @@
 same readers: orchestrator/data/local.py).
 
 Each file (JSON lines and text: each BYTES_PER_PART of a file, cut at line ends) is read by one task, which yields
-Arrow tables of at most CHUNK_ROWS rows; Ray fuses the tokenizing step into the same tasks, so a big file is
+Arrow tables of at most CHUNK_ROWS rows; each part's rows are then tokenized by their own tasks, so a big file is
 tokenized in parallel too:
 - json (.json arrays, .jsonl and JSON lines in .json): one column of JSON text per row (ROW_COLUMN), which
   convert() parses. Rows of a dataset may differ in structure (optional keys, a key null in some rows, text in one
@@ -17,6 +17,7 @@ num_samples picks rows as LLaMA-Factory does (a seeded permutation, repeated row
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -118,28 +119,47 @@ def file_parts(spec: DatasetSpec, part_bytes: int | None = None) -> list[dict]:
     return [{**part, "part": index} for index, part in enumerate(parts)]
 
 
+class _FileParts(ray.data.Datasource):
+    """One Ray Data read task per file part, so the parts are read, and then tokenized, in parallel. (Reading
+    through `from_items(parts).map_batches(...)` let Ray fuse reading and tokenizing into one task for every part
+    once the tokenizing step asked for batches larger than the number of parts: 100k rows on one core.)"""
+
+    def __init__(self, parts: list[dict], file_type: str, indexed: bool):
+        self._parts, self._file_type, self._indexed = parts, file_type, indexed
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        return None
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
+                       data_context: object = None) -> list[ray.data.ReadTask]:  # fmt: skip
+        from ray.data.block import BlockMetadata
+
+        return [ray.data.ReadTask(functools.partial(_read_part_tables, part, self._file_type, self._indexed),
+                                  BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None,
+                                                input_files=(part["path"],)),
+                                  per_task_row_limit=per_task_row_limit)
+                for part in self._parts]  # fmt: skip
+
+
 def _read_parts(
     parts: list[dict], file_type: str, indexed: bool = False, remote_args: dict | None = None
 ) -> ray.data.Dataset:
-    return ray.data.from_items(parts, override_num_blocks=len(parts)).map_batches(
-        _read_batch,
-        fn_kwargs={"file_type": file_type, "indexed": indexed},
-        batch_size=1,
-        batch_format="pyarrow",
+    return ray.data.read_datasource(
+        _FileParts(parts, file_type, indexed),
+        override_num_blocks=len(parts),
         **(remote_args or {}),  # named task options, e.g. label_selector: pinned to the files' node
     )
 
 
-def _read_batch(batch: pa.Table, *, file_type: str, indexed: bool) -> Iterator[pa.Table]:
-    """Runs in a Ray task: the tables of each part in the batch; with `indexed`, each row's part and line number."""
-    for part in batch.to_pylist():
-        line = 0
-        for table in FILE_READERS[file_type](part["path"], part["start"], part["end"]):
-            if indexed:
-                table = table.append_column(PART_COLUMN, pa.array(np.full(table.num_rows, part["part"], np.int64)))
-                table = table.append_column(LINE_COLUMN, pa.array(np.arange(line, line + table.num_rows)))
-            line += table.num_rows
-            yield table
+def _read_part_tables(part: dict, file_type: str, indexed: bool) -> Iterator[pa.Table]:
+    """Runs in a Ray task: the tables of one part; with `indexed`, each row's part and line number."""
+    line = 0
+    for table in FILE_READERS[file_type](part["path"], part["start"], part["end"]):
+        if indexed:
+            table = table.append_column(PART_COLUMN, pa.array(np.full(table.num_rows, part["part"], np.int64)))
+            table = table.append_column(LINE_COLUMN, pa.array(np.arange(line, line + table.num_rows)))
+        line += table.num_rows
+        yield table
 
 
 def read_part(path: str, start: int = 0, end: int = -1) -> bytes:

@@ -95,3 +95,24 @@ def test_hub_dataset_loads_with_datasets_in_a_task(ray_cluster, data_dir):
     pq.write_table(pa.Table.from_pylist(ROWS), hub_dir / "train.parquet")
     spec = DatasetSpec("hub", (), "hub", hub=HubSource("hf_hub", str(hub_dir)), num_samples=2, seed=0)
     assert prompts(spec) == [f"q{i}" for i in sample_indexes(6, 2, seed=0)]
+
+
+def test_each_part_of_a_big_file_is_read_and_tokenized_by_its_own_task(ray_cluster, tiny_model, tmp_path):
+    """A file of several parts gives one block per part all the way through tokenizing (before, Ray fused every
+    part's reading and tokenizing into one task once the tokenizing batches were larger than the number of parts)."""
+    from orchestrator.config import validate_config
+    from orchestrator.data.pipeline import TokenizeJob, examples_only, tokenize_dataset
+    from orchestrator.data.readers import file_parts
+
+    rows = [
+        {"instruction": f"question {i} " + "word " * 20, "input": "", "output": f"answer {i}"} for i in range(12000)
+    ]
+    (tmp_path / "big.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = validate_config({"model_name_or_path": tiny_model, "dataset": "big.jsonl", "dataset_dir": str(tmp_path),
+                           "template": "default", "cutoff_len": 64, "preprocessing_batch_size": 1000})  # fmt: skip
+    (spec,), _ = resolve_datasets(["big.jsonl"], str(tmp_path))
+    parts = file_parts(spec)
+    assert len(parts) >= 2
+    tokenized = examples_only(tokenize_dataset(spec, TokenizeJob.from_config(cfg), cfg)).materialize()
+    assert tokenized.num_blocks() >= len(parts)
+    assert tokenized.count() == len(rows)

@@ -48,3 +48,35 @@ def test_the_fast_data_view_gives_the_same_ids(tiny_model):
             assert fast.encode(text, add_special_tokens=False) == tokenizer.encode(text, add_special_tokens=False)
         assert fast.encode_many(texts) == [tokenizer.encode(t, add_special_tokens=False) for t in texts]
         assert fast.eos_token_id == tokenizer.eos_token_id
+
+
+def test_a_data_task_rebuilds_the_tokenizer_from_the_drivers_snapshot_without_transformers(tiny_model, tmp_path):
+    """The driver hands its data tasks a snapshot (tokenizer.data_snapshot): a fresh process rebuilds it with the
+    `tokenizers` package alone and encodes, looks up and names special tokens as the loaded tokenizer does."""
+    import pickle
+    import subprocess
+    import sys
+
+    from orchestrator.data.tokenizer import data_snapshot
+
+    spec = TokenizerSpec.from_config(tiny_config(tiny_model, new_special_tokens="<tool_call>"))
+    tokenizer, snapshot = load_tokenizer(spec), data_snapshot(spec)
+    text = f"hello world{tokenizer.eos_token} again"
+    (tmp_path / "snapshot.pkl").write_bytes(pickle.dumps(snapshot))
+    probe = (
+        "import pickle, sys\n"
+        "from orchestrator.data.tokenizer import from_snapshot\n"
+        f"fast = from_snapshot(pickle.load(open({str(tmp_path / 'snapshot.pkl')!r}, 'rb')))\n"
+        f"print(fast.encode({text!r}), fast.convert_tokens_to_ids('<tool_call>'), fast.convert_tokens_to_ids('zzqq'),"
+        " fast.eos_token, fast.pad_token_id, 'transformers' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
+    expected = [
+        str(tokenizer.encode(text, add_special_tokens=False)).replace(" ", ""),
+        str(tokenizer.convert_tokens_to_ids("<tool_call>")),
+        str(tokenizer.convert_tokens_to_ids("zzqq")),
+        tokenizer.eos_token,
+        str(tokenizer.pad_token_id),
+        "False",
+    ]
+    assert ["".join(out[: len(out) - 5]), *out[-5:]] == expected
