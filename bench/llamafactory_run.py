@@ -31,6 +31,8 @@ def arguments(spec: dict) -> dict:
         args.update(lora_rank=spec["lora_rank"], lora_target="all")
     if spec["stage"] == "pt":
         args["packing"] = spec["packing"]
+    if spec["stage"] == "dpo":  # the reference is the policy with the adapter off (LoRA), as on Loom's side
+        args.update(pref_beta=0.1, pref_loss="sigmoid")
     return args
 
 

@@ -1,10 +1,13 @@
 """One command, Loom side by side with its peers: `python bench/suite.py` (bench/README.md).
 
 For each workload (a model built offline: *tiny*, start-up dominated; *small*, ~38M parameters, compute dominated on
-CPU) and case (sft LoRA, sft full, pt with packing) it runs, alternating A B C A B C so the machine's drift cancels:
+CPU) and case (sft LoRA, sft full, pt with packing, dpo LoRA) it runs, alternating A B C A B C so the machine's drift
+cancels:
 - **loom**: `loom train` (embedded Ray, or the cluster in RAY_ADDRESS), 2 workers x 1 CPU, global batch 8;
-- **loom_fast**: the same with Loom's fast recipe (FAST_RECIPE: neat packing), against the peer's defaults;
-- **plain**: a plain transformers `Trainer` in one process with 2 threads, the same tokens (bench/plain_trainer.py);
+- **loom_fast**: the same with Loom's fast recipe (FAST_RECIPE: neat packing; for dpo, FAST_DPO), against the peer's
+  defaults;
+- **plain**: a plain transformers `Trainer` in one process with 2 threads, the same tokens (bench/plain_trainer.py;
+  sft and pt only: it has no preference loss);
 - **llamafactory**: LLaMA-Factory 0.9.5 with its defaults, one process, 2 threads (bench/llamafactory_run.py), in a
   virtual environment the bench creates (bench/.venv-llamafactory); skipped, with the reason, when it cannot.
 Same model, data, cutoff, global batch, learning rate, schedule and optimizer on every side.
@@ -12,13 +15,17 @@ Same model, data, cutoff, global batch, learning rate, schedule and optimizer on
 Figures per run: steady-state non-pad tokens/s, step time, seconds from the command to the first optimizer step,
 total wall time, peak memory of the driver (the launched process) and of each worker, the workload's padding
 fraction, checkpoint save time, data preparation rows/s, and MFU against the fp32 matmul peak this script measures
-on the same cores in the same run. Writes bench/results/suite-<stamp>.json, .md and .png. `--smoke` runs the tiny
-workload for a few steps, once, without the peer: the harness check that CI runs (no figure is asserted).
+on the same cores in the same run. `--scaling` adds Loom on one worker (1 -> 2 workers), `--two-nodes` Loom on 4
+workers over a two-node ray.cluster_utils cluster (2 -> 4 logical workers), `--sweep` a 4-trial `loom tune` sweep
+(how long each trial waits for its first step). Writes bench/results/suite-<stamp>.json, .md and .png. `--smoke`
+runs the tiny workload for a few steps, once, without the peer: the harness check that CI runs (no figure is
+asserted).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -31,6 +38,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -54,10 +62,21 @@ CASES = {
     "sft_lora": {"stage": "sft", "finetuning_type": "lora", "packing": False, "learning_rate": 1e-4},
     "sft_full": {"stage": "sft", "finetuning_type": "full", "packing": False, "learning_rate": 1e-5},
     "pt_packing": {"stage": "pt", "finetuning_type": "lora", "packing": True, "learning_rate": 1e-4},
+    "dpo_lora": {"stage": "dpo", "finetuning_type": "lora", "packing": False, "learning_rate": 5e-6},
 }
-SIDES = ("loom", "loom_fast", "loom_1w", "plain", "llamafactory")
+# The plain Trainer has no preference loss: dpo is measured against LLaMA-Factory (TRL's DPO trainer) only.
+PLAIN_STAGES = ("sft", "pt")
+# dpo with LoRA takes its reference as the policy with the adapter off, on every side (sigmoid loss, beta 0.1).
+# Loom's fast recipe for it computes those reference log-probabilities once, before training (the same numbers:
+# the reference never changes), instead of one more forward pass per step.
+FAST_DPO = {"precompute_ref_logps": True}
+SIDES = ("loom", "loom_fast", "loom_1w", "loom_2n4w", "plain", "llamafactory")
 # loom_1w (not run by default: --sides or --scaling): Loom with one worker of 1 CPU on the same global batch, the
-# other end of the 1 -> 2 workers scaling figure.
+# other end of the 1 -> 2 workers scaling figure. loom_2n4w (--two-nodes): 4 workers of 1 logical CPU on a
+# two-node ray.cluster_utils cluster (2 logical CPUs per node) on the same cores and global batch: the 2 -> 4 logical
+# workers figure, which on one machine measures what more workers and a node boundary cost, not added hardware.
+TWO_NODES = {"ray_storage_shared": True, "placement_strategy": "SPREAD"}  # the nodes share this machine's disk
+SWEEP_RATES = (5e-5, 1e-4, 2e-4, 4e-4)  # the 4-trial sweep's grid (--sweep)
 # Loom's fast recipe (docs/PERFORMANCE.md): what Loom can recommend without changing what is learned. Neat packing
 # drops the padding (a third to a half of the tokens at cutoff 512 here) and keeps each packed sequence's attention
 # to itself, so every sequence gets the logits it would get alone (tests/unit/test_packing.py); gradient
@@ -77,10 +96,14 @@ class Workload:
 
     def dataset(self) -> tuple[str, str]:
         """(dataset name, dataset_dir): LLaMA-Factory's demo data where ../shared has it, else Loom's own."""
-        pt = CASES[self.case]["stage"] == "pt"
+        stage = CASES[self.case]["stage"]
         if (SHARED_DATA / "dataset_info.json").is_file():
-            return ("c4_demo" if pt else "alpaca_en_demo"), str(SHARED_DATA)
-        return ("loom_demo_pt" if pt else "loom_demo_sft"), str(DEMO_DATA)
+            return {"pt": "c4_demo", "dpo": "dpo_en_demo"}.get(stage, "alpaca_en_demo"), str(SHARED_DATA)
+        return {"pt": "loom_demo_pt", "dpo": "loom_demo_pref"}.get(stage, "loom_demo_sft"), str(DEMO_DATA)
+
+    @property
+    def has_plain_baseline(self) -> bool:
+        return CASES[self.case]["stage"] in PLAIN_STAGES
 
     def spec(self, model_dir: str, out: Path) -> dict:
         """What every side trains: the baselines read it as JSON, Loom as its YAML config (loom_config)."""
@@ -123,8 +146,10 @@ def loom_config(spec: dict, workers: int, out: Path, fast: bool = False) -> dict
         config.update(lora_rank=spec["lora_rank"], lora_target="all")
     if spec["stage"] == "pt":
         config["packing"] = spec["packing"]
+    if spec["stage"] == "dpo":
+        config.update(pref_beta=0.1, pref_loss="sigmoid")
     if fast:
-        config.update(FAST_RECIPE if spec["stage"] == "sft" else {"packing": True})
+        config.update({"sft": FAST_RECIPE, "dpo": FAST_DPO}.get(spec["stage"], {"packing": True}))
     return config
 
 
@@ -175,11 +200,14 @@ def steady(steps: list[tuple[float, int]]) -> dict:
     return {"tokens_per_s": round((n1 - n0) / max(t1 - t0, 1e-9), 1), "step_s": round(statistics.median(gaps), 4)}
 
 
-def run_loom(spec: dict, workload: Workload, out: Path, fast: bool = False) -> dict:
+def run_loom(spec: dict, workload: Workload, out: Path, fast: bool = False, address: str | None = None,
+             extra: dict | None = None) -> dict:  # fmt: skip
     config = out / "config.yaml"
-    config.write_text(yaml.safe_dump(loom_config(spec, workload.workers, out, fast)))
+    config.write_text(yaml.safe_dump({**loom_config(spec, workload.workers, out, fast), **(extra or {})}))
     timings = out / "reports.jsonl"
     env = {**os.environ, "RECORD_VRAM": "1", "LOOM_REPORT_TIMINGS": str(timings), "HF_HUB_OFFLINE": "1"}
+    if address:
+        env["RAY_ADDRESS"] = address
     command = [sys.executable, "-m", "orchestrator.cli", "train", str(config)]
     started, wall, driver_mb, code = run_process(command, env, out / "log.txt")
     if code:
@@ -312,10 +340,15 @@ def run_suite(workloads: list[Workload], sides: list[str], repeats: int, work: P
     for workload in workloads:
         for repeat in range(repeats):
             for side in sides:  # A B C A B C: each side's runs spread over the same stretch of time
+                if side == "plain" and not workload.has_plain_baseline:
+                    continue
                 out = work / f"{workload.model}-{workload.case}-{side}-{repeat}"
                 out.mkdir(parents=True)
                 spec = workload.spec(models[workload.model], out)
-                if side.startswith("loom"):
+                if side == "loom_2n4w":
+                    with two_node_cluster() as address:
+                        figures = run_loom(spec, replace(workload, workers=4), out, address=address, extra=TWO_NODES)
+                elif side.startswith("loom"):
                     one = replace(workload, workers=1) if side == "loom_1w" else workload
                     figures = run_loom(spec, one, out, fast=side == "loom_fast")
                 else:
@@ -325,6 +358,36 @@ def run_suite(workloads: list[Workload], sides: list[str], repeats: int, work: P
                     handle.write(json.dumps(runs[-1]) + "\n")
                 print(f"{workload.model:<6} {workload.case:<11} {side:<13} #{repeat} {json.dumps(figures)}", flush=True)
     return runs
+
+
+def run_sweep(workload: Workload, model_dir: str, out: Path) -> dict:
+    """`loom tune` over SWEEP_RATES on the workload, one trial at a time (each takes both workers): how long each
+    trial waits before its first optimizer step (trial 1 from the command)."""
+    out.mkdir(parents=True)
+    spec = workload.spec(model_dir, out)
+    base = {**loom_config(spec, workload.workers, out), "output_dir": str(out / "trials")}
+    (out / "base.yaml").write_text(yaml.safe_dump(base))
+    sweep = {"base": "base.yaml", "search_space": {"learning_rate": {"grid": list(SWEEP_RATES)}}, "metric": "loss",
+             "max_concurrent_trials": 1, "name": "bench", "storage_path": str(out / "sweeps")}  # fmt: skip
+    (out / "sweep.yaml").write_text(yaml.safe_dump(sweep))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "orchestrator.cli", "tune", str(out / "sweep.yaml")]
+    started, wall, driver_mb, code = run_process(command, env, out / "log.txt")
+    if code:
+        return {"error": f"exit {code}: {(out / 'log.txt').read_text()[-1500:]}"}
+    trials = []
+    for log in (out / "trials").glob("*/trainer_log.jsonl"):
+        times = [json.loads(line)["time"] for line in log.read_text().splitlines() if "tokens_seen" in line]
+        trials.append({"trial": log.parent.name, "first_step": times[0], "last_step": times[-1]})
+    trials.sort(key=lambda t: t["first_step"])
+    # A trial's start-up: from the previous trial's last step (its save, report and teardown included) to its own
+    # first step; trial 1's from the command. Tune runs them one at a time here, so the gaps are each trial's wait.
+    ends = [started] + [t["last_step"] for t in trials[:-1]]
+    waits = [round(t["first_step"] - end, 2) for t, end in zip(trials, ends, strict=True)]
+    later = statistics.median(waits[1:]) if len(waits) > 1 else None
+    return {"model": workload.model, "case": workload.case, "trials": len(trials), "wall_s": wall,
+            "driver_peak_mb": driver_mb, "trial_start_up_s": waits,
+            "x_trial1_over_later": _ratio(waits[0], later) if waits else None}  # fmt: skip
 
 
 FIGURES = ("tokens_per_s", "step_s", "first_step_s", "wall_s", "driver_peak_mb", "worker_peak_mb", "checkpoint_s",
@@ -387,12 +450,40 @@ def markdown(report: dict) -> str:
                  r["driver_peak_mb"], r["worker_peak_mb"], r["checkpoint_s"], r["data_rows_per_s"],
                  r["padding_fraction"], r.get("mfu")]  # fmt: skip
         lines.append("| " + " | ".join("-" if c is None else (", ".join(map(str, c)) if isinstance(c, list) else str(c)) for c in cells) + " |")  # fmt: skip
+    lines += _scaling_lines(report["summary"]) + _sweep_lines(report.get("sweep"))
     for side, why in report["skipped"].items():
         lines.append(f"\n{side} skipped: {why}")
     for run in report["runs"]:
         if "error" in run:
             lines.append(f"\n{run['model']} {run['case']} {run['side']} #{run['repeat']} failed: {run['error'][:300]}")
     return "\n".join(lines) + "\n"
+
+
+def _scaling_lines(summary: list[dict]) -> list[str]:
+    """Per workload: tokens/s per core from 1 to 2 workers (loom_1w -> loom) and 2 -> 4 logical workers on two nodes
+    (loom -> loom_2n4w; the 4 logical CPUs share the same 2 cores, so per core means per physical core)."""
+    lines = []
+    for model, case in sorted({(r["model"], r["case"]) for r in summary}):
+        mine = {r["side"]: r.get("tokens_per_s") for r in summary if (r["model"], r["case"]) == (model, case)}
+        if mine.get("loom_1w") and mine.get("loom"):
+            lines.append(f"\n{model} {case}, 1 -> 2 workers: {_ratio(mine['loom'], mine['loom_1w'])}x tokens/s, "
+                         f"{_ratio(mine['loom'] / 2, mine['loom_1w'])} per core.")  # fmt: skip
+        if mine.get("loom_2n4w") and mine.get("loom"):
+            lines.append(f"\n{model} {case}, 2 workers on one node -> 4 logical workers on two nodes (same {THREADS} "
+                         f"cores): {_ratio(mine['loom_2n4w'], mine['loom'])}x tokens/s per core.")  # fmt: skip
+    return lines
+
+
+def _sweep_lines(sweep: dict | None) -> list[str]:
+    if not sweep:
+        return []
+    if "error" in sweep:
+        return [f"\n4-trial sweep failed: {sweep['error'][:300]}"]
+    waits = sweep["trial_start_up_s"]
+    return [f"\n{sweep['trials']}-trial sweep ({sweep['model']} {sweep['case']}, one trial at a time): seconds before "
+            f"each trial's first step (trial 1 from the command, each later one from the previous trial's last "
+            f"step): {waits}; trial 1 over the later trials' median: {sweep['x_trial1_over_later']}x. Sweep wall "
+            f"{sweep['wall_s']} s."]  # fmt: skip
 
 
 def _floor_line(floor: dict) -> str:
@@ -448,9 +539,16 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         default="cpu",
         help="cuda: one CUDA device, bf16, one Loom worker (bench/gpu.sh)",
     )
-    parser.add_argument("--cases", default="sft_lora,sft_full,pt_packing", help=", ".join(CASES))
+    parser.add_argument("--cases", default="sft_lora,sft_full,pt_packing,dpo_lora", help=", ".join(CASES))
     parser.add_argument("--sides", default="loom,loom_fast,plain,llamafactory", help=", ".join(SIDES))
     parser.add_argument("--scaling", action="store_true", help="also loom_1w: Loom on 1 worker (1 -> 2 workers)")
+    parser.add_argument(
+        "--two-nodes",
+        action="store_true",
+        help="also loom_2n4w: 4 workers on a two-node ray.cluster_utils cluster (2 -> 4 workers)",
+    )
+    parser.add_argument("--sweep", action="store_true",
+                        help="also a 4-trial loom tune sweep on the first workload: each trial's start-up")  # fmt: skip
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--cutoff-len", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=2, help="runs per side, alternated")
@@ -471,8 +569,10 @@ def main(argv: list[str] | None = None) -> Path:
         stem = Path(args.report.removesuffix(".runs.jsonl"))
         old = json.loads(stem.with_suffix(".json").read_text()) if stem.with_suffix(".json").is_file() else {}
         command = old.get("command", "").removeprefix("python bench/suite.py ").split() or argv
-        return write_report(stem, runs, runs[0]["peak_gflops"], old.get("skipped", {}), command, old.get("ray_floor"))
+        return write_report(stem, runs, runs[0]["peak_gflops"], old.get("skipped", {}), command, old.get("ray_floor"),
+                            old.get("sweep"))  # fmt: skip
     sides = [s for s in args.sides.split(",") if s] + (["loom_1w"] if args.scaling else [])
+    sides += ["loom_2n4w"] if args.two_nodes else []
     skipped: dict[str, str] = {}
     peer = None
     if "llamafactory" in sides:
@@ -482,6 +582,8 @@ def main(argv: list[str] | None = None) -> Path:
     workers = 1 if args.device == "cuda" else 2
     workloads = [Workload(m, c, args.steps, args.cutoff_len, workers=workers, device=args.device)
                  for m in args.models.split(",") for c in args.cases.split(",")]  # fmt: skip
+    for case in sorted({w.case for w in workloads if not w.has_plain_baseline and "plain" in sides}):
+        skipped[f"plain ({case})"] = "the plain Trainer has no preference loss; LLaMA-Factory runs TRL's DPO trainer"
     peak = matmul_peak_gflops(args.device)
     floor = ray_floor() if any(side.startswith("loom") for side in sides) else {}
     out = Path(args.out)
@@ -489,13 +591,39 @@ def main(argv: list[str] | None = None) -> Path:
     stem = out / f"suite-{time.strftime('%Y%m%d-%H%M%S')}"
     with tempfile.TemporaryDirectory(prefix="loom-bench-suite-") as work:
         runs = run_suite(workloads, sides, args.repeats, Path(work), peer, stem.with_suffix(".runs.jsonl"), peak)
-    return write_report(stem, runs, peak, skipped, argv, floor)
+        sweep = None
+        if args.sweep:
+            model_dir = str(Path(work) / "models" / workloads[0].model)
+            sweep = run_sweep(workloads[0], model_dir, Path(work) / "sweep")
+            print(f"sweep {json.dumps(sweep)}", flush=True)
+    return write_report(stem, runs, peak, skipped, argv, floor, sweep)
+
+
+@contextlib.contextmanager
+def two_node_cluster() -> Iterator[str]:
+    """Two Ray nodes of 2 logical CPUs each on this machine, for one loom_2n4w run: its address. Up only for that
+    run, because `ray.init()` without an address joins a cluster running on the machine, and the other sides must
+    keep their embedded Ray."""
+    from ray.cluster_utils import Cluster
+
+    given = os.environ.get("RAY_ADDRESS")
+    cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 2})
+    try:
+        cluster.add_node(num_cpus=2)
+        cluster.wait_for_nodes()
+        yield cluster.address
+    finally:
+        cluster.shutdown()
+        if given is None:  # Cluster exports its address
+            os.environ.pop("RAY_ADDRESS", None)
+        else:
+            os.environ["RAY_ADDRESS"] = given
 
 
 def write_report(stem: Path, runs: list[dict], peak: float, skipped: dict[str, str], argv: list[str] | None,
-                 floor: dict | None = None) -> Path:  # fmt: skip
+                 floor: dict | None = None, sweep: dict | None = None) -> Path:  # fmt: skip
     report = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(), "peak_gflops": peak,
-              "ray_floor": floor or {}, "device": runs[0].get("device", "cpu") if runs else "cpu",
+              "ray_floor": floor or {}, "device": runs[0].get("device", "cpu") if runs else "cpu", "sweep": sweep,
               "command": "python bench/suite.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "skipped": skipped, "summary": summarize(runs, peak), "runs": runs}  # fmt: skip
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2))

@@ -48,3 +48,24 @@ def test_the_scaling_side_trains_the_same_global_batch_on_one_worker(tmp_path):
     one = suite.loom_config(spec, workers=1, out=tmp_path)
     assert (one["ray_num_workers"], one["per_device_train_batch_size"]) == (1, 8)
     assert "loom_1w" not in suite.parse([]).sides.split(",") and "loom_1w" in suite.SIDES
+
+
+def test_the_two_node_side_trains_the_same_global_batch_on_four_spread_workers(tmp_path):
+    spec = suite.Workload("small", "sft_lora", steps=20, cutoff_len=512).spec("/models/small", tmp_path)
+    four = {**suite.loom_config(spec, workers=4, out=tmp_path), **suite.TWO_NODES}
+    assert (four["ray_num_workers"], four["per_device_train_batch_size"]) == (4, 2)
+    assert four["placement_strategy"] == "SPREAD" and four["ray_storage_shared"]
+    assert "loom_2n4w" not in suite.parse([]).sides.split(",") and suite.parse(["--two-nodes"]).two_nodes
+
+
+def test_the_report_states_scaling_per_core_and_the_sweep_start_up_ratio():
+    summary = [{"model": "small", "case": "sft_lora", "side": side, "tokens_per_s": tps}
+               for side, tps in (("loom_1w", 400.0), ("loom", 700.0), ("loom_2n4w", 630.0))]  # fmt: skip
+    lines = suite._scaling_lines(summary)
+    assert "1 -> 2 workers: 1.75x tokens/s, 0.88 per core" in lines[0]
+    assert "4 logical workers on two nodes" in lines[1] and "0.9x tokens/s per core" in lines[1]
+    sweep = {"model": "tiny", "case": "sft_lora", "trials": 4, "wall_s": 80.0, "trial_start_up_s": [24.0, 11.0, 10.0],
+             "x_trial1_over_later": 2.29}  # fmt: skip
+    (line,) = suite._sweep_lines(sweep)
+    assert "[24.0, 11.0, 10.0]" in line and "2.29x" in line
+    assert suite._sweep_lines(None) == [] and "failed" in suite._sweep_lines({"error": "exit 1"})[0]
