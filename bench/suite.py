@@ -451,6 +451,7 @@ def markdown(report: dict) -> str:
                  r["padding_fraction"], r.get("mfu")]  # fmt: skip
         lines.append("| " + " | ".join("-" if c is None else (", ".join(map(str, c)) if isinstance(c, list) else str(c)) for c in cells) + " |")  # fmt: skip
     lines += _scaling_lines(report["summary"]) + _sweep_lines(report.get("sweep"))
+    lines += _data_prep_lines(report.get("data_prep"))
     for side, why in report["skipped"].items():
         lines.append(f"\n{side} skipped: {why}")
     for run in report["runs"]:
@@ -484,6 +485,18 @@ def _sweep_lines(sweep: dict | None) -> list[str]:
             f"each trial's first step (trial 1 from the command, each later one from the previous trial's last "
             f"step): {waits}; trial 1 over the later trials' median: {sweep['x_trial1_over_later']}x. Sweep wall "
             f"{sweep['wall_s']} s."]  # fmt: skip
+
+
+def _data_prep_lines(result: dict | None) -> list[str]:
+    if not result:
+        return []
+    if "error" in result:
+        return [f"\ndata preparation failed: {result['error'][:300]}"]
+    return [f"\ndata preparation, {result['rows']} rows on {result['cpus']} CPUs: Loom {result['loom_s']} s, "
+            f"`datasets.map` {result['datasets_map_s']} s with the same tokenizer view "
+            f"({result['loom_over_datasets_map']}x) and {result['datasets_map_transformers_tokenizer_s']} s with "
+            f"transformers' tokenizer ({result['loom_over_datasets_map_transformers_tokenizer']}x); a warm rerun "
+            f"from tokenized_path: {result['warm_rerun_data_s']} s of data time."]  # fmt: skip
 
 
 def _floor_line(floor: dict) -> str:
@@ -547,6 +560,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="also loom_2n4w: 4 workers on a two-node ray.cluster_utils cluster (2 -> 4 workers)",
     )
+    parser.add_argument(
+        "--data-prep",
+        type=int,
+        metavar="ROWS",
+        help="also bench/data_prep.py on ROWS generated rows: Loom vs datasets.map, warm rerun",
+    )
     parser.add_argument("--sweep", action="store_true",
                         help="also a 4-trial loom tune sweep on the first workload: each trial's start-up")  # fmt: skip
     parser.add_argument("--steps", type=int, default=40)
@@ -569,8 +588,9 @@ def main(argv: list[str] | None = None) -> Path:
         stem = Path(args.report.removesuffix(".runs.jsonl"))
         old = json.loads(stem.with_suffix(".json").read_text()) if stem.with_suffix(".json").is_file() else {}
         command = old.get("command", "").removeprefix("python bench/suite.py ").split() or argv
+        extra = {"sweep": old.get("sweep"), "data_prep": old.get("data_prep")}
         return write_report(stem, runs, runs[0]["peak_gflops"], old.get("skipped", {}), command, old.get("ray_floor"),
-                            old.get("sweep"))  # fmt: skip
+                            extra)  # fmt: skip
     sides = [s for s in args.sides.split(",") if s] + (["loom_1w"] if args.scaling else [])
     sides += ["loom_2n4w"] if args.two_nodes else []
     skipped: dict[str, str] = {}
@@ -596,7 +616,21 @@ def main(argv: list[str] | None = None) -> Path:
             model_dir = str(Path(work) / "models" / workloads[0].model)
             sweep = run_sweep(workloads[0], model_dir, Path(work) / "sweep")
             print(f"sweep {json.dumps(sweep)}", flush=True)
-    return write_report(stem, runs, peak, skipped, argv, floor, sweep)
+    extra = {"sweep": sweep, "data_prep": data_prep(args.data_prep) if args.data_prep else None}
+    return write_report(stem, runs, peak, skipped, argv, floor, extra)
+
+
+def data_prep(rows: int) -> dict:
+    """bench/data_prep.py in a process of its own: its JSON result (or the error)."""
+    command = [sys.executable, str(BENCH / "data_prep.py"), "--rows", str(rows), "--cpus", str(THREADS)]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env)
+    lines = done.stdout.splitlines()
+    if done.returncode or "{" not in lines:
+        return {"error": (done.stderr or done.stdout)[-500:]}
+    start = len(lines) - 1 - lines[::-1].index("{")  # the result is the last thing printed, indented JSON
+    return json.loads("\n".join(lines[start:]))
 
 
 @contextlib.contextmanager
@@ -621,9 +655,11 @@ def two_node_cluster() -> Iterator[str]:
 
 
 def write_report(stem: Path, runs: list[dict], peak: float, skipped: dict[str, str], argv: list[str] | None,
-                 floor: dict | None = None, sweep: dict | None = None) -> Path:  # fmt: skip
+                 floor: dict | None = None, extra: dict | None = None) -> Path:  # fmt: skip
+    """`extra`: the sweep's and data preparation's results, when they ran."""
     report = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(), "peak_gflops": peak,
-              "ray_floor": floor or {}, "device": runs[0].get("device", "cpu") if runs else "cpu", "sweep": sweep,
+              "ray_floor": floor or {}, "device": runs[0].get("device", "cpu") if runs else "cpu",
+              "sweep": (extra or {}).get("sweep"), "data_prep": (extra or {}).get("data_prep"),
               "command": "python bench/suite.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "skipped": skipped, "summary": summarize(runs, peak), "runs": runs}  # fmt: skip
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2))

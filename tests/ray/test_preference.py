@@ -124,6 +124,11 @@ def test_precomputed_reference_gives_the_online_loss(ray_cluster, preference_con
     data = prepare_data(cfg, preflight(cfg, "test"))
     rows = data.train.take_batch(8, batch_format="numpy")
     assert data.summary["reference"].startswith("precomputed")
+    # Scored in blocks spread over the actors (one per worker), the rows keep the order prepared without them.
+    assert data.train.num_blocks() >= cfg.ray_num_workers
+    plain = prepare_data(cfg.model_copy(update={"precompute_ref_logps": False}), preflight(cfg, "test"))
+    ids = [list(row["chosen_input_ids"]) for row in data.train.iter_rows()]
+    assert ids == [list(row["chosen_input_ids"]) for row in plain.train.iter_rows()]
     ctx, tokenizer = single_process_context(), load_tokenizer_for(cfg)
     losses = {}
     for precomputed in (False, True):

@@ -69,3 +69,12 @@ def test_the_report_states_scaling_per_core_and_the_sweep_start_up_ratio():
     (line,) = suite._sweep_lines(sweep)
     assert "[24.0, 11.0, 10.0]" in line and "2.29x" in line
     assert suite._sweep_lines(None) == [] and "failed" in suite._sweep_lines({"error": "exit 1"})[0]
+
+
+def test_the_report_states_data_preparation_against_datasets_map():
+    result = {"rows": 100000, "cpus": 2, "loom_s": 8.2, "datasets_map_s": 4.0, "loom_over_datasets_map": 0.49,
+              "datasets_map_transformers_tokenizer_s": 6.2, "loom_over_datasets_map_transformers_tokenizer": 0.76,
+              "warm_rerun_data_s": 0.02}  # fmt: skip
+    (line,) = suite._data_prep_lines(result)
+    assert "100000 rows on 2 CPUs: Loom 8.2 s" in line and "(0.49x)" in line and "0.02 s of data time" in line
+    assert suite._data_prep_lines(None) == [] and suite.parse(["--data-prep", "1000"]).data_prep == 1000
