@@ -25,7 +25,8 @@ def main() -> None:
     if os.environ.get("RAY_ADDRESS"):  # a running cluster (the tests'): joining it is the floor there
         ray.init(logging_level="ERROR", log_to_driver=False)
     else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR",
+                 log_to_driver=False)  # fmt: skip
     started = time.perf_counter()
     trainer = TorchTrainer(empty_loop, scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}))
     trainer.fit()

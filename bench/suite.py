@@ -636,8 +636,7 @@ def data_prep(rows: int) -> dict:
 @contextlib.contextmanager
 def two_node_cluster() -> Iterator[str]:
     """Two Ray nodes of 2 logical CPUs each on this machine, for one loom_2n4w run: its address. Up only for that
-    run, because `ray.init()` without an address joins a cluster running on the machine, and the other sides must
-    keep their embedded Ray."""
+    run, so that nothing else in the suite sees it."""
     from ray.cluster_utils import Cluster
 
     given = os.environ.get("RAY_ADDRESS")

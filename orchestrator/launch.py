@@ -80,8 +80,9 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
     if address:
         ray.init(address=address, **quiet)
         started = False
-    else:
-        ray.init(num_cpus=num_cpus, **quiet)
+    else:  # "local": a new embedded cluster. Without it Ray joins any cluster running on this machine (and refuses
+        # num_cpus there), where the user named none.
+        ray.init(address="local", num_cpus=num_cpus, **quiet)
         started = True
     _quiet_ray_data()
     return started

@@ -271,3 +271,19 @@ def test_galore_on_two_workers_resumes_another_runs_checkpoint_to_the_same_weigh
     a, b = (load_file(os.path.join(o.output_dir, "model.safetensors")) for o in (first, second))
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
     assert worst < 1e-6, f"resumed GaLore run differs by {worst}"
+
+
+def test_without_an_address_loom_starts_its_own_ray_beside_a_running_cluster(ray_cluster):
+    """No --address and no RAY_ADDRESS: an embedded cluster, as documented, even while another Ray runs on this
+    machine (the session's, from `ray start`), which Ray's default would join and where it refuses num_cpus."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    probe = ("import ray\nfrom orchestrator.launch import connect\nstarted = connect(num_cpus=1)\n"
+             "print(started, ray.cluster_resources()['CPU'])\nray.shutdown()\n")  # fmt: skip
+    env = {k: v for k, v in ray_cluster.env().items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=180,
+                          cwd=Path(__file__).resolve().parents[2])  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-2:] == ["True", "1.0"]
