@@ -55,7 +55,7 @@ def loom_prepare(model: str, folder: Path, cpus: int, batch: int) -> tuple[float
 def loom_warm(model: str, folder: Path, batch: int) -> dict:
     """`prepare_data` with tokenized_path: the build that writes the cache, then a rerun that reuses it (the data
     time of a `loom train` rerun), and reading the reused train set through once."""
-    from orchestrator.data.pipeline import prepare_data
+    from orchestrator.data.prepare import prepare_data
     from orchestrator.preflight import preflight_data
 
     cfg = loom_config(model, folder, batch, tokenized_path=str(folder / "tokenized"))

@@ -190,6 +190,11 @@ def run_process(command: list[str], env: dict, log: Path) -> tuple[float, float,
     return started, round(time.time() - started, 2), memory.stop(), code
 
 
+def failed(code: int, log: Path) -> dict:
+    """A run that did not finish: its exit code and the end of its output."""
+    return {"error": f"exit {code}: {log.read_text()[-1500:]}"}
+
+
 def steady(steps: list[tuple[float, int]]) -> dict:
     """Throughput and step time after the warm-up (the first fifth of the steps, at least one step, left out)."""
     skip = max(1, len(steps) // 5)
@@ -211,7 +216,7 @@ def run_loom(spec: dict, workload: Workload, out: Path, fast: bool = False, addr
     command = [sys.executable, "-m", "orchestrator.cli", "train", str(config)]
     started, wall, driver_mb, code = run_process(command, env, out / "log.txt")
     if code:
-        return {"error": f"exit {code}: {(out / 'log.txt').read_text()[-1500:]}"}
+        return failed(code, out / "log.txt")
     records = [json.loads(line) for line in (Path(spec["out"]) / "trainer_log.jsonl").read_text().splitlines()]
     steps = [(r["time"], r["tokens_seen"]) for r in records if "tokens_seen" in r]
     text = (out / "log.txt").read_text()
@@ -238,7 +243,7 @@ def run_baseline(side: str, spec: dict, out: Path, python: str) -> dict:
     env.pop("RAY_ADDRESS", None)
     started, wall, peak_mb, code = run_process([python, str(script), str(out / "spec.json")], env, out / "log.txt")
     if code or not Path(spec["probe"]).is_file():
-        return {"error": f"exit {code}: {(out / 'log.txt').read_text()[-1500:]}"}
+        return failed(code, out / "log.txt")
     probe = json.loads(Path(spec["probe"]).read_text())
     steps = [tuple(s) for s in probe["steps"]]
     data_s, rows = probe.get("data_s"), probe.get("rows")
@@ -374,7 +379,7 @@ def run_sweep(workload: Workload, model_dir: str, out: Path) -> dict:
     command = [sys.executable, "-m", "orchestrator.cli", "tune", str(out / "sweep.yaml")]
     started, wall, driver_mb, code = run_process(command, env, out / "log.txt")
     if code:
-        return {"error": f"exit {code}: {(out / 'log.txt').read_text()[-1500:]}"}
+        return failed(code, out / "log.txt")
     trials = []
     for log in (out / "trials").glob("*/trainer_log.jsonl"):
         times = [json.loads(line)["time"] for line in log.read_text().splitlines() if "tokens_seen" in line]

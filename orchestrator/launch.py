@@ -218,7 +218,7 @@ def train(
     check_free(plan, cfg.ray_placement_wait_s)
     check_columns(cfg, specs.train + specs.eval)
 
-    from .data.pipeline import prepare_data
+    from .data.prepare import prepare_data
 
     data = prepare_data(cfg, specs.train, specs.eval)
     clock.lap("data")
@@ -302,7 +302,8 @@ def prepare_only(cfg: Any, source: str = "config", address: str | None = None,
     connect(address)
     check_columns(cfg, specs.train + specs.eval)
 
-    from .data.pipeline import prepare_data, stream_summary
+    from .data.pipeline import stream_summary
+    from .data.prepare import prepare_data
 
     if cfg.streaming:
         summary = stream_summary(cfg, specs.train)

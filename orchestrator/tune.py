@@ -134,7 +134,7 @@ def run_sweep(sweep: Sweep, address: str | None = None, base_dir: str | None = N
 
 def shared_data(sweep: Sweep, base: dict[str, Any], base_dir: str) -> Any:
     """The datasets every trial trains on, prepared once here (the searched keys cannot change them)."""
-    from .data.pipeline import prepare_data
+    from .data.prepare import prepare_data
     from .launch import check_columns
 
     first = {d.key: d.probe_values()[0] for d in sweep.space}

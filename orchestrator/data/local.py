@@ -2,8 +2,8 @@
 
 Why: for LLaMA-Factory's 1000-row demo set on 2 cores, Ray Data took 9-13 s (five executions: the column check,
 read + tokenize, filter + sort, the statistics, the token sum, each starting tasks that import the tokenizer) to do
-0.3 s of tokenizing (bench/suite.py, 2026-12-07). Below DRIVER_BYTES of input files (LOOM_DATA_ON_DRIVER_BYTES) the driver reads the files
-(the same readers), tokenizes batch by batch (the same `tokenize_batch`, the same batches: each file part's rows
+0.3 s of tokenizing (bench/suite.py, 2026-12-07). Below DRIVER_BYTES of input files (LOOM_DATA_ON_DRIVER_BYTES)
+the driver reads the files (the same readers), tokenizes batch by batch (the same `tokenize_batch`, the same batches: each file part's rows
 in slices of preprocessing_batch_size), orders rows by the same content key and splits off the validation rows at
 the same index as Ray Data's `train_test_split`; the tables then go to the object store (`ray.data.from_arrow`),
 and workers read them as they read a materialized Ray Data set. tests/ray/test_data.py checks both paths give the
@@ -19,8 +19,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from .pipeline import STATS_LENGTH, PreparedData, StatsTotals, TokenizeJob, _counts, tokenize_batch
 from .readers import CHUNK_ROWS, FILE_READERS, DatasetReadError, _row_keys, file_parts
 from .registry import READ_ERROR, ROW_COLUMN, DatasetSpec
+from .tokenizer import data_snapshot
 
 # About 16k alpaca rows: a few seconds of tokenizing on one core, about Ray Data's own start-up on 2 cores.
 DRIVER_BYTES = 8 * 2**20
@@ -74,30 +76,27 @@ def local_column_names(spec: DatasetSpec) -> list[str]:
     return sorted(found)
 
 
-def batch_dependent(job: Any) -> bool:
+def batch_dependent(job: TokenizeJob) -> bool:
     """Whether a row's tokens depend on the other rows of its batch: packing fills blocks within a batch, KTO
     pairs each example with another one's completion."""
     return job.options.packing or job.processor == "feedback"
 
 
-def tokenize_local(spec: DatasetSpec, job: Any, cfg: Any) -> pa.Table | None:
+def tokenize_local(spec: DatasetSpec, job: TokenizeJob, cfg: Any) -> pa.Table | None:
     """What `pipeline.tokenize_dataset(...).materialize()` holds: token rows plus one bookkeeping row per batch.
     None where Ray Data's batches could differ from these (a batch-dependent processor over a dataset read as
     more than one block: how Ray bundles blocks into batches is its own), so the caller uses Ray Data."""
-    from .pipeline import tokenize_batch
-    from .tokenizer import data_snapshot
-
     parts = read_parts(spec)
     if batch_dependent(job) and (len(parts) > 1 or any(part.num_rows > CHUNK_ROWS for part in parts)):
         return None
-    remaining = cfg.max_samples
+    remaining, fast = cfg.max_samples, data_snapshot(job.tokenizer)
     tables = []
     for part in parts:
         if remaining is not None:
             part, remaining = part.slice(0, remaining), max(remaining - part.num_rows, 0)
         for start in range(0, part.num_rows, cfg.preprocessing_batch_size):
             batch = part.slice(start, cfg.preprocessing_batch_size)
-            tables.append(tokenize_batch(batch, spec=spec, job=job, fast=data_snapshot(job.tokenizer)))
+            tables.append(tokenize_batch(batch, spec=spec, job=job, fast=fast))
     return pa.concat_tables(tables) if tables else job.schema().empty_table()
 
 
@@ -110,12 +109,10 @@ def validation_index(rows: int, val_size: float) -> int:
     return index
 
 
-def prepare_on_driver(cfg: Any, specs: list[DatasetSpec], eval_specs: list[DatasetSpec]) -> Any | None:
+def prepare_on_driver(cfg: Any, specs: list[DatasetSpec], eval_specs: list[DatasetSpec]) -> PreparedData | None:
     """pipeline.build_datasets for data that passed `on_driver`: the same tables, built in this process (None:
     see tokenize_local)."""
     import ray
-
-    from .pipeline import STATS_LENGTH, PreparedData, StatsTotals, TokenizeJob, _counts
 
     job = TokenizeJob.from_config(cfg)
     tokenized = [tokenize_local(spec, job, cfg) for spec in specs]

@@ -42,7 +42,7 @@ def prepare(ray_cluster, cfg):
 
 
 def test_interleaving_and_one_evaluation_set_per_dataset(ray_cluster, tiny_model, data_dir):
-    from orchestrator.data.pipeline import prepare_data
+    from orchestrator.data.prepare import prepare_data
     from orchestrator.preflight import preflight_data
 
     cfg = config(tiny_model, data_dir, mix_strategy="interleave_under", eval_dataset="held.jsonl,small.jsonl",

@@ -186,7 +186,7 @@ def test_split_shards_read_on_two_nodes_are_disjoint_and_cover_the_dataset(ray_c
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from orchestrator.data.pipeline import prepare_data
+    from orchestrator.data.prepare import prepare_data
     from orchestrator.preflight import data_problems
 
     cfg = validate_config(train_config())

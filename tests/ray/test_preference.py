@@ -112,7 +112,7 @@ def test_precomputed_reference_gives_the_online_loss(ray_cluster, preference_con
     the dpo stage's loss from those columns equals its loss with the online reference (the LoRA policy with its
     adapter disabled), for a policy that differs from the reference. (kto trains on them in the test above.)"""
     from orchestrator.config import validate_config
-    from orchestrator.data.pipeline import prepare_data
+    from orchestrator.data.prepare import prepare_data
     from orchestrator.preflight import preflight
     from workers.context import single_process_context
     from workers.model import load_tokenizer_for
